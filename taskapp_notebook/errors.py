@@ -1,0 +1,85 @@
+"""Errors raised by taskapp_notebook.
+
+The tree keeps the seed's contract (ValueError / FileNotFoundError / RuntimeError) by
+subclassing those built-ins, so ``except RuntimeError`` in user code keeps working::
+
+    TaskAppError
+    ├── InvalidParameterError     (ValueError)         bad argument to InProcessTaskApp
+    ├── TaskAppNotFoundError      (FileNotFoundError)  task_app_path does not exist
+    ├── TaskAppLoadError          (ValueError)         a module that defines no app/config
+    └── StartError                (RuntimeError)       the app could not be started
+        ├── PortInUseError                             port busy and not freed
+        ├── ServerStartError                           uvicorn/lifespan failed
+        ├── HealthCheckError                           /health never answered 200
+        ├── ModeNotAvailableError                      tunnel mode not implemented here
+        └── TunnelError                                a tunnel could not be opened
+            └── TunnelVerificationError                the tunnel does not reach the app
+
+Messages say what failed, why, and what to do, with user values in ``!r``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class TaskAppError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidParameterError(TaskAppError, ValueError):
+    """An argument to :class:`~taskapp_notebook.InProcessTaskApp` is invalid."""
+
+
+class TaskAppNotFoundError(TaskAppError, FileNotFoundError):
+    """``task_app_path`` does not exist."""
+
+
+class TaskAppLoadError(TaskAppError, ValueError):
+    """A task-app module was loaded but defines nothing we can serve."""
+
+
+class StartError(TaskAppError, RuntimeError):
+    """The task app could not be started; everything begun was undone."""
+
+
+class PortInUseError(StartError):
+    """The port is busy and could not be freed."""
+
+
+class ServerStartError(StartError):
+    """uvicorn could not start the app (for example its lifespan startup failed)."""
+
+
+class HealthCheckError(StartError):
+    """``GET /health`` did not answer 200 before ``health_check_timeout``."""
+
+
+class ModeNotAvailableError(StartError):
+    """The requested tunnel mode is not available in this build."""
+
+
+class TunnelError(StartError):
+    """A tunnel could not be opened or kept open.
+
+    ``log_lines`` holds the last lines a tunnel subprocess printed, when there is one.
+    """
+
+    def __init__(self, message: str, *, log_lines: Sequence[str] = ()) -> None:
+        self.log_lines = list(log_lines)
+        if self.log_lines:
+            message = message + "\nLast log lines:\n  " + "\n  ".join(self.log_lines)
+        super().__init__(message)
+
+
+class TunnelVerificationError(TunnelError):
+    """The tunnel opened but ``GET {url}/health`` through it did not answer 200."""
+
+
+def mask_secret(value: str | None, *, keep: int = 4) -> str:
+    """Return ``value`` with all but its last ``keep`` characters hidden (``'…abcd'``)."""
+    if not value:
+        return "<none>"
+    if len(value) <= keep * 2:
+        return "…" + "*" * 4
+    return "…" + value[-keep:]

@@ -1,0 +1,1 @@
+"""Tunnel backends (see ``base``)."""
