@@ -1,0 +1,107 @@
+"""Health checks: wait for ``GET /health`` to answer 200, fast at first.
+
+The start path polls with a schedule that begins at half a millisecond and doubles to
+100 ms, so a healthy app is seen in milliseconds while a slow one is not hammered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .errors import HealthCheckError
+
+if TYPE_CHECKING:
+    import httpx
+
+logger = logging.getLogger(__name__)
+
+_FIRST_DELAY = 0.0005
+_MAX_DELAY = 0.1
+
+
+@dataclass(frozen=True)
+class HealthResult:
+    """The outcome of one ``GET /health``."""
+
+    ok: bool
+    status: int | None
+    error: str | None
+    seconds: float
+    at: float
+
+    def describe(self) -> str:
+        if self.status is not None:
+            return f"HTTP {self.status}"
+        return self.error or "no answer"
+
+
+def auth_headers(api_key: str) -> dict[str, str]:
+    """Headers that authenticate to a task app with ``api_key``."""
+    return {"X-API-Key": api_key, "Authorization": f"Bearer {api_key}"}
+
+
+async def check_once(
+    client: httpx.AsyncClient, url: str, headers: dict[str, str], timeout: float
+) -> HealthResult:
+    """One ``GET {url}/health``; never raises for HTTP or connection errors."""
+    import httpx
+
+    started = time.perf_counter()
+    try:
+        response = await client.get(url.rstrip("/") + "/health", headers=headers,
+                                    timeout=timeout)
+    except httpx.HTTPError as exc:
+        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return HealthResult(False, None, error, time.perf_counter() - started, time.time())
+    elapsed = time.perf_counter() - started
+    return HealthResult(response.status_code == 200, response.status_code, None, elapsed,
+                        time.time())
+
+
+async def wait_healthy(
+    url: str,
+    headers: dict[str, str],
+    *,
+    timeout: float,
+    what: str = "task app",
+    client: httpx.AsyncClient | None = None,
+) -> HealthResult:
+    """Poll ``GET {url}/health`` until 200 or ``timeout`` seconds; raise HealthCheckError."""
+    import httpx
+
+    own_client = client is None
+    if client is None:
+        client = httpx.AsyncClient(trust_env=False)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = _FIRST_DELAY
+    attempts = 0
+    try:
+        while True:
+            remaining = max(deadline - loop.time(), 0.001)
+            result = await check_once(client, url, headers, timeout=min(remaining, 10.0))
+            attempts += 1
+            logger.debug("Health check %d of %s: %s", attempts, url, result.describe())
+            if result.ok:
+                return result
+            if result.status == 401 or result.status == 403:
+                raise HealthCheckError(
+                    f"The {what} at {url} rejected the key (HTTP {result.status} on /health): "
+                    "set ENVIRONMENT_API_KEY or pass api_key= with the key the app expects."
+                )
+            if loop.time() + delay >= deadline:
+                raise HealthCheckError(
+                    f"The {what} at {url} did not become healthy within {timeout:g} s "
+                    f"({attempts} checks; last: {result.describe()}). Check that it serves "
+                    "GET /health with status 200 and accepts the X-API-Key header, or raise "
+                    "health_check_timeout."
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _MAX_DELAY)
+    finally:
+        if own_client:
+            await client.aclose()

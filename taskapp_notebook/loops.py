@@ -1,0 +1,100 @@
+"""Event-loop plumbing: a dedicated server thread, and waiting from sync code.
+
+``LoopThread`` is the home of ``serve_on="thread"`` apps. ``run_sync`` lets a synchronous
+caller (``start()``, a magic, a widget button) wait for a coroutine on the instance's loop,
+wherever the caller is: on that loop's thread while it runs (a notebook cell — nest-asyncio2,
+applied lazily and only then), on another thread, or with no loop running at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The loop running in this thread, or None."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class LoopThread:
+    """A daemon thread running its own event loop until ``close()``."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+        self._ready.wait()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(self._ready.set)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Let pending tasks finish (up to ``timeout``), cancel the rest, stop, join."""
+        if self.loop.is_closed():
+            return
+        if threading.current_thread() is self.thread:
+            raise RuntimeError("LoopThread.close() called from its own thread")
+        if self.thread.is_alive():
+            drained = self.submit(self._drain(timeout))
+            with contextlib.suppress(Exception):
+                drained.result(timeout + 1.0)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout)
+        if not self.thread.is_alive():
+            self.loop.close()
+        else:  # pragma: no cover - a task refused to finish
+            logger.warning("Server thread %s did not stop in %.1f s", self.thread.name, timeout)
+
+    async def _drain(self, timeout: float) -> None:
+        me = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not me]
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=timeout)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=1.0)
+        await self.loop.shutdown_asyncgens()
+        await self.loop.shutdown_default_executor()
+
+
+def run_sync(
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], timeout: float | None = None
+) -> T:
+    """Run ``coro`` on ``loop`` and wait for its result from synchronous code."""
+    if loop.is_closed():
+        coro.close()
+        raise RuntimeError("The event loop of this task app is closed.")
+    here = running_loop()
+    if here is loop:
+        # A notebook cell (or sync callback) on the loop's own thread: nest.
+        import nest_asyncio2
+
+        nest_asyncio2.apply(loop)
+        return loop.run_until_complete(coro)
+    if loop.is_running():
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+    if here is not None:
+        # Another loop runs in this thread; ``loop`` is idle. Drive it from a helper thread.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(loop.run_until_complete, coro).result(timeout)
+    return loop.run_until_complete(coro)

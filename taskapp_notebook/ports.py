@@ -1,0 +1,169 @@
+"""Port and host validation, binding our own listening socket, and who holds a port.
+
+We bind the listening socket ourselves and hand it to uvicorn, so there is no
+probe-then-bind race: the port is ours from the moment ``bind_listener`` returns.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+from .errors import InvalidParameterError, PortInUseError
+
+logger = logging.getLogger(__name__)
+
+MIN_PORT = 1024
+MAX_PORT = 65535
+ALLOWED_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0")
+_BACKLOG = 2048
+
+
+def validate_port(port: object) -> int:
+    """Return ``port`` if it is an int in [1024, 65535]; else raise InvalidParameterError."""
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise InvalidParameterError(
+            f"port must be an int in [{MIN_PORT}, {MAX_PORT}], got {port!r}."
+        )
+    if not MIN_PORT <= port <= MAX_PORT:
+        raise InvalidParameterError(
+            f"port must be in range [{MIN_PORT}, {MAX_PORT}], got {port!r}. "
+            "Ports below 1024 need root; pick e.g. 8114."
+        )
+    return port
+
+
+def validate_host(host: object) -> str:
+    """Return ``host`` if it is one of ALLOWED_HOSTS; else raise InvalidParameterError."""
+    if host not in ALLOWED_HOSTS:
+        raise InvalidParameterError(
+            f"host must be one of {', '.join(map(repr, ALLOWED_HOSTS))} for security, "
+            f"got {host!r}. Expose the app through a tunnel instead of a public interface."
+        )
+    return str(host)
+
+
+def bind_address(host: str) -> str:
+    """The address to bind for ``host`` (``localhost`` binds IPv4 loopback)."""
+    return "127.0.0.1" if host == "localhost" else host
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """Bind and listen on ``host:port``. Raises OSError (EADDRINUSE) when taken."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        # Reuse TIME_WAIT addresses (a just-stopped app), never a live listener.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((bind_address(host), port))
+        sock.listen(_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    logger.debug("Bound %s:%d", host, port)
+    return sock
+
+
+def is_addr_in_use(exc: OSError) -> bool:
+    return exc.errno in (errno.EADDRINUSE, errno.EACCES)
+
+
+def bind_first_free(host: str, port: int) -> socket.socket:
+    """Bind ``port`` or the next free port upward (logged at WARNING when it moved)."""
+    for candidate in range(port, MAX_PORT + 1):
+        try:
+            sock = bind_listener(host, candidate)
+        except OSError as exc:
+            if not is_addr_in_use(exc):
+                raise
+            logger.debug("Port %d on %s is busy", candidate, host)
+            continue
+        if candidate != port:
+            logger.warning(
+                "Port %d on %s is in use; using port %d instead (auto_find_port=True)",
+                port,
+                host,
+                candidate,
+            )
+        return sock
+    raise PortInUseError(
+        f"No free port between {port} and {MAX_PORT} on {host!r}. "
+        "Stop some servers or pass a lower port."
+    )
+
+
+@dataclass(frozen=True)
+class PortHolder:
+    """A process listening on a port."""
+
+    pid: int
+    name: str
+    cmdline: str
+    uid: int | None
+
+    def describe(self) -> str:
+        return f"pid {self.pid} ({self.cmdline or self.name})"
+
+
+def listening_holders(port: int) -> list[PortHolder]:
+    """Processes with a socket *listening* on ``port`` (clients of it are not listed)."""
+    import psutil
+
+    holders: dict[int, PortHolder] = {}
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except (psutil.AccessDenied, OSError):  # pragma: no cover - macOS without root
+        logger.debug("Cannot list sockets to find who holds port %d", port)
+        return []
+    for conn in connections:
+        if conn.status != psutil.CONN_LISTEN or not conn.laddr or conn.laddr.port != port:
+            continue
+        if conn.pid is None or conn.pid in holders:
+            continue
+        try:
+            proc = psutil.Process(conn.pid)
+            name = proc.name()
+            cmdline = " ".join(proc.cmdline())[:200]
+            uid: int | None = proc.uids().real
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            name, cmdline, uid = "?", "", None
+        holders[conn.pid] = PortHolder(conn.pid, name, cmdline, uid)
+    return list(holders.values())
+
+
+def terminate_holder(holder: PortHolder, *, grace: float = 2.0) -> bool:
+    """SIGTERM ``holder``, wait up to ``grace`` seconds, then SIGKILL. True if it is gone.
+
+    Refuses (returns False) for this process and for other users' processes.
+    """
+    import psutil
+
+    if holder.pid == os.getpid() or holder.uid != os.getuid():
+        return False
+    try:
+        proc = psutil.Process(holder.pid)
+        logger.warning("Terminating %s, which holds the port (auto_find_port=False)",
+                       holder.describe())
+        proc.terminate()
+        _, alive = psutil.wait_procs([proc], timeout=grace)
+        for p in alive:
+            logger.warning("%s ignored SIGTERM; sending SIGKILL", holder.describe())
+            p.kill()
+        psutil.wait_procs(alive, timeout=grace)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.AccessDenied:
+        return False
+    return not psutil.pid_exists(holder.pid) or _is_zombie(holder.pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    import psutil
+
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True

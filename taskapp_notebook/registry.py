@@ -1,0 +1,137 @@
+"""Every running InProcessTaskApp, and the process-level hooks that stop them.
+
+Hooks are installed on the first start, never at import:
+
+* SIGTERM (and SIGINT outside an IPython kernel): stop every app, then hand the signal to
+  the handler that was there before (so Ctrl-C still raises KeyboardInterrupt). Inside a
+  kernel SIGINT means "interrupt the cell" and must not stop apps.
+* atexit: stop whatever is still running.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .runner import InProcessTaskApp
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.RLock()
+_instances: list[InProcessTaskApp] = []
+_previous_handlers: dict[int, Any] = {}
+_hooks_installed = False
+
+
+def register(app: InProcessTaskApp) -> None:
+    with _lock:
+        if app not in _instances:
+            _instances.append(app)
+    install_hooks()
+
+
+def unregister(app: InProcessTaskApp) -> None:
+    with _lock:
+        if app in _instances:
+            _instances.remove(app)
+
+
+def running() -> list[InProcessTaskApp]:
+    """The apps started and not yet stopped, oldest first."""
+    with _lock:
+        return list(_instances)
+
+
+def find_by_port(port: int) -> InProcessTaskApp | None:
+    for app in running():
+        if app.port == port:
+            return app
+    return None
+
+
+def stop_all() -> None:
+    """Stop every running app (synchronously, newest first). Never raises."""
+    for app in reversed(running()):
+        try:
+            app.stop()
+        except Exception:  # noqa: BLE001 - shutdown must go on
+            logger.warning("Error while stopping %r", app, exc_info=True)
+
+
+def in_ipython_kernel() -> bool:
+    """True inside a Jupyter (ipykernel) kernel."""
+    if "ipykernel" not in sys.modules:
+        return False
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def install_hooks() -> None:
+    """Install the atexit and signal hooks once (signals only from the main thread)."""
+    global _hooks_installed
+    with _lock:
+        if _hooks_installed:
+            return
+        _hooks_installed = True
+    atexit.register(stop_all)
+    if threading.current_thread() is not threading.main_thread():
+        logger.debug("Not in the main thread: signal handlers not installed")
+        return
+    signals = [signal.SIGTERM]
+    if not in_ipython_kernel():
+        signals.append(signal.SIGINT)
+    for sig in signals:
+        try:
+            _previous_handlers[sig] = signal.getsignal(sig)
+            signal.signal(sig, _handle_signal)
+        except (ValueError, OSError):  # pragma: no cover - exotic embedders
+            logger.debug("Could not install a handler for %s", sig, exc_info=True)
+    logger.debug("Signal handlers installed for %s", [s.name for s in signals])
+
+
+def _handle_signal(signum: int, frame: FrameType | None) -> None:
+    apps = running()
+    if apps:
+        logger.info("Received %s: stopping %d task app(s)", signal.Signals(signum).name,
+                    len(apps))
+    for app in reversed(apps):
+        try:
+            app._stop_from_signal()
+        except Exception:  # noqa: BLE001
+            logger.warning("Error while stopping %r on a signal", app, exc_info=True)
+    previous = _previous_handlers.get(signum, signal.SIG_DFL)
+    if callable(previous):
+        handler: Callable[[int, FrameType | None], Any] = previous
+        handler(signum, frame)
+    elif previous == signal.SIG_IGN:
+        return
+    elif signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    else:
+        # Default action for SIGTERM is to die; exit through Python so ``with`` blocks,
+        # ``finally`` and atexit run, with the shell's conventional status.
+        raise SystemExit(128 + signum)
+
+
+def uninstall_hooks() -> None:
+    """Restore the previous signal handlers (used by tests and %unload_ext)."""
+    global _hooks_installed
+    with _lock:
+        if threading.current_thread() is threading.main_thread():
+            for sig, previous in _previous_handlers.items():
+                if signal.getsignal(sig) is _handle_signal:
+                    signal.signal(sig, previous)
+        _previous_handlers.clear()
+        atexit.unregister(stop_all)
+        _hooks_installed = False

@@ -1,0 +1,653 @@
+"""InProcessTaskApp: run a task app in this process and expose it through a tunnel.
+
+Lifecycle (every step undone in reverse if a later one fails)::
+
+    validate (constructor) → tunnel preflight → build the ASGI app → bind our socket
+    → uvicorn task on the instance loop → GET /health → open tunnel → [verify] → running
+
+The *instance loop* is the caller's running loop (``serve_on="loop"``) or a dedicated
+daemon thread's loop (``serve_on="thread"``); all of an instance's async work runs there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal
+
+from . import registry
+from .errors import (
+    InvalidParameterError,
+    ModeNotAvailableError,
+    PortInUseError,
+    StartError,
+    TaskAppLoadError,
+    TunnelVerificationError,
+    mask_secret,
+)
+from .health import HealthResult, auth_headers, wait_healthy
+from .loops import LoopThread, run_sync, running_loop
+from .ports import (
+    bind_first_free,
+    bind_listener,
+    is_addr_in_use,
+    listening_holders,
+    terminate_holder,
+    validate_host,
+    validate_port,
+)
+from .stats import ASGIApp, RequestStats
+from .tunnels.base import TUNNEL_MODES, Tunnel, TunnelContext, canonical_mode, create_tunnel
+
+if TYPE_CHECKING:
+    import socket
+
+    from .contract import TaskAppConfig
+    from .server import ServerHandle
+
+logger = logging.getLogger(__name__)
+
+ServeOn = Literal["auto", "loop", "thread"]
+Callback = Callable[["InProcessTaskApp"], None]
+_STOP_TIMEOUT = 30.0
+
+
+class AppState(enum.StrEnum):
+    """Where an InProcessTaskApp is in its lifecycle."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class InProcessTaskApp:
+    """Run a task app in this process with automatic tunnelling.
+
+    Use as ``async with InProcessTaskApp(...) as task_app:``, ``with ...:``, or
+    ``start()`` / ``stop()``. Exactly one of ``app``, ``config``, ``config_factory`` or
+    ``task_app_path`` must be given. See the README for every parameter.
+    """
+
+    def __init__(
+        self,
+        *,
+        app: Any | None = None,
+        config: TaskAppConfig | None = None,
+        config_factory: Callable[[], TaskAppConfig] | None = None,
+        task_app_path: Path | str | None = None,
+        port: int = 8114,
+        host: str = "127.0.0.1",
+        tunnel_mode: str = "synthtunnel",
+        tunnel_backend: Any | None = None,
+        preconfigured_url: str | None = None,
+        preconfigured_auth_header: str | None = None,
+        preconfigured_auth_token: str | None = None,
+        api_key: str | None = None,
+        health_check_timeout: float = 30.0,
+        auto_find_port: bool = True,
+        skip_tunnel_verification: bool = True,
+        force_new_tunnel: bool = False,
+        on_start: Callback | None = None,
+        on_stop: Callback | None = None,
+        serve_on: ServeOn = "auto",
+        name: str | None = None,
+    ) -> None:
+        given = [
+            label
+            for label, value in (
+                ("app", app),
+                ("config", config),
+                ("config_factory", config_factory),
+                ("task_app_path", task_app_path),
+            )
+            if value is not None
+        ]
+        if len(given) != 1:
+            got = "none" if not given else " and ".join(given)
+            raise InvalidParameterError(
+                "Provide exactly one of app, config, config_factory or task_app_path "
+                f"(got {got})."
+            )
+        self.port: int = validate_port(port)
+        self.host: str = validate_host(host)
+        self.tunnel_mode: str = _validate_tunnel(tunnel_mode, tunnel_backend)
+        if self.tunnel_mode == "preconfigured" and not preconfigured_url:
+            raise InvalidParameterError(
+                "tunnel_mode='preconfigured' needs preconfigured_url= (the public URL that "
+                "already routes to this app), e.g. preconfigured_url='https://my.host'."
+            )
+        if preconfigured_url is not None and not str(preconfigured_url).startswith(
+            ("http://", "https://")
+        ):
+            raise InvalidParameterError(
+                f"preconfigured_url must start with http:// or https://, got "
+                f"{preconfigured_url!r}."
+            )
+        if bool(preconfigured_auth_header) != bool(preconfigured_auth_token):
+            raise InvalidParameterError(
+                "Pass preconfigured_auth_header and preconfigured_auth_token together."
+            )
+        if isinstance(health_check_timeout, bool) or not isinstance(
+            health_check_timeout, int | float
+        ) or health_check_timeout <= 0:
+            raise InvalidParameterError(
+                f"health_check_timeout must be a positive number of seconds, got "
+                f"{health_check_timeout!r}."
+            )
+        if serve_on not in ("auto", "loop", "thread"):
+            raise InvalidParameterError(
+                f"serve_on must be 'auto', 'loop' or 'thread', got {serve_on!r}."
+            )
+        for label, callback in (("on_start", on_start), ("on_stop", on_stop)):
+            if callback is not None and not callable(callback):
+                raise InvalidParameterError(f"{label} must be callable, got {callback!r}.")
+        task_path: Path | None = None
+        if task_app_path is not None:
+            from .loading import validate_task_app_path
+
+            task_path = validate_task_app_path(task_app_path)
+
+        self._app = app
+        self._config = config
+        self._config_factory = config_factory
+        self.task_app_path = task_path
+        self.requested_port = self.port
+        self.tunnel_backend = tunnel_backend
+        self.preconfigured_url = preconfigured_url
+        self.preconfigured_auth_header = preconfigured_auth_header
+        self._preconfigured_auth_token = preconfigured_auth_token
+        self.api_key, self.api_key_source = _resolve_api_key(api_key)
+        self.health_check_timeout = float(health_check_timeout)
+        self.auto_find_port = auto_find_port
+        self.skip_tunnel_verification = skip_tunnel_verification
+        self.force_new_tunnel = force_new_tunnel
+        self.on_start = on_start
+        self.on_stop = on_stop
+        self.serve_on_requested: ServeOn = serve_on
+        self.name = name or _default_name(given[0], task_path)
+
+        self.url: str | None = None
+        self.task_app_worker_token: str | None = None
+        self.serve_on: Literal["loop", "thread"] | None = None
+        self.state = AppState.STOPPED
+        self.error: str | None = None
+        self.started_at: float | None = None
+        self.health: HealthResult | None = None
+        self.stats = RequestStats()
+        #: Recent human-readable events (lifecycle, tunnel), newest last.
+        self.events: deque[str] = deque(maxlen=200)
+        self.tunnel: Tunnel | None = None
+        self._server: ServerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: LoopThread | None = None
+        self._listeners: list[Callable[[InProcessTaskApp], None]] = []
+
+    # ------------------------------------------------------------------ public faces
+
+    async def __aenter__(self) -> InProcessTaskApp:
+        await self.astart()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.astop()
+
+    def __enter__(self) -> InProcessTaskApp:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    async def astart(self) -> InProcessTaskApp:
+        """Start (from async code). Returns once healthy and the URL is known."""
+        if self._begin_start():
+            if self.serve_on == "thread":
+                thread = self._thread = LoopThread(f"taskapp-{self.name}")
+                try:
+                    await asyncio.wrap_future(thread.submit(self._start_here()))
+                except BaseException:
+                    await asyncio.to_thread(self._close_thread)
+                    raise
+            else:
+                await self._start_here()
+            self._after_start()
+        return self
+
+    def start(self) -> InProcessTaskApp:
+        """Start (from sync code, including a notebook cell). Returns once healthy."""
+        if self._begin_start():
+            if self.serve_on == "thread":
+                thread = self._thread = LoopThread(f"taskapp-{self.name}")
+                future = thread.submit(self._start_here())
+                try:
+                    future.result()
+                except BaseException:
+                    future.cancel()
+                    self._close_thread()
+                    raise
+            else:
+                loop = running_loop()
+                assert loop is not None  # _begin_start checked
+                run_sync(loop, self._start_here())
+            self._after_start()
+        return self
+
+    async def astop(self) -> None:
+        """Stop everything this instance started. Idempotent."""
+        if not self._begin_stop():
+            return
+        loop = self._loop
+        try:
+            if self._thread is not None:
+                await asyncio.wrap_future(self._thread.submit(self._stop_here()))
+                await asyncio.to_thread(self._close_thread)
+            elif loop is None or loop is running_loop():
+                await self._stop_here()
+            elif loop.is_closed():
+                self._stop_hard()
+            else:
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._stop_here(), loop))
+        finally:
+            self._after_stop()
+
+    def stop(self) -> None:
+        """Stop everything this instance started (from sync code). Idempotent."""
+        if not self._begin_stop():
+            return
+        loop = self._loop
+        try:
+            if self._thread is not None:
+                with contextlib.suppress(Exception):
+                    self._thread.submit(self._stop_here()).result(_STOP_TIMEOUT)
+                self._close_thread()
+            elif loop is None:
+                pass
+            elif loop.is_closed():
+                self._stop_hard()
+            else:
+                run_sync(loop, self._stop_here(), timeout=_STOP_TIMEOUT)
+        finally:
+            self._after_stop()
+
+    # ------------------------------------------------------------------ observation
+
+    @property
+    def is_running(self) -> bool:
+        return self.state is AppState.RUNNING
+
+    @property
+    def local_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "localhost") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the server runs on (None before start)."""
+        return self._loop
+
+    @property
+    def uptime(self) -> float | None:
+        if self.started_at is None or not self.is_running:
+            return None
+        return time.time() - self.started_at
+
+    def add_listener(self, callback: Callable[[InProcessTaskApp], None]) -> None:
+        """Call ``callback(self)`` after every state change (from any thread)."""
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[InProcessTaskApp], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(callback)
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-able summary with secrets masked."""
+        status = self.tunnel.status if self.tunnel is not None else None
+        return {
+            "name": self.name,
+            "state": str(self.state),
+            "url": self.url,
+            "local_url": self.local_url,
+            "port": self.port,
+            "host": self.host,
+            "tunnel_mode": self.tunnel_mode,
+            "tunnel_state": str(status.state) if status else None,
+            "tunnel_error": status.last_error if status else None,
+            "serve_on": self.serve_on or self.serve_on_requested,
+            "uptime": self.uptime,
+            "health": self.health.describe() if self.health else None,
+            "error": self.error,
+            "api_key": mask_secret(self.api_key),
+            "task_app_worker_token": mask_secret(self.task_app_worker_token)
+            if self.task_app_worker_token
+            else None,
+            **self.stats.snapshot(),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"InProcessTaskApp(name={self.name!r}, state={str(self.state)!r}, url={self.url!r}, "
+            f"port={self.port}, tunnel_mode={self.tunnel_mode!r}, "
+            f"api_key={mask_secret(self.api_key)!r})"
+        )
+
+    # ------------------------------------------------------------------ internals
+
+    def _set_state(self, state: AppState, error: str | None = None) -> None:
+        self.state = state
+        if error is not None or state is AppState.STARTING:
+            self.error = error
+        self._event(f"state: {state}" + (f" ({error})" if error else ""))
+        for listener in list(self._listeners):
+            try:
+                listener(self)
+            except Exception:  # noqa: BLE001 - observers never break the app
+                logger.debug("State listener %r failed", listener, exc_info=True)
+
+    def _event(self, line: str) -> None:
+        self.events.append(time.strftime("%H:%M:%S ") + line)
+
+    def _begin_start(self) -> bool:
+        if self.state in (AppState.RUNNING, AppState.STARTING):
+            return False
+        if self.state is AppState.STOPPING:
+            raise StartError(f"{self!r} is still stopping; wait for stop() to return.")
+        loop = running_loop()
+        if self.serve_on_requested == "thread":
+            self.serve_on = "thread"
+        elif self.serve_on_requested == "loop":
+            if loop is None:
+                raise InvalidParameterError(
+                    "serve_on='loop' needs a running event loop (a notebook cell or async "
+                    "code). Use serve_on='thread', or start it with 'async with'."
+                )
+            self.serve_on = "loop"
+        else:
+            self.serve_on = "loop" if loop is not None and registry.in_ipython_kernel() else (
+                "thread"
+            )
+        self.port = self.requested_port
+        return True
+
+    async def _start_here(self) -> None:
+        """Start on the instance loop; undo everything on any failure."""
+        self._loop = asyncio.get_running_loop()
+        self._set_state(AppState.STARTING)
+        logger.info("Starting task app %r (tunnel_mode=%s, serve_on=%s)", self.name,
+                    self.tunnel_mode, self.serve_on)
+        try:
+            tunnel = self.tunnel = self._make_tunnel()
+            tunnel.preflight(self._tunnel_context())
+            asgi_app = await self._build_app()
+            sock = await self._acquire_socket()
+            self.port = sock.getsockname()[1]
+            from .server import ServerHandle
+            from .stats import InstrumentedApp
+
+            self._server = ServerHandle(InstrumentedApp(asgi_app, self.stats), sock)
+            await self._server.start()
+            logger.debug("Server listening on %s", self.local_url)
+            self.health = await wait_healthy(
+                self.local_url, auth_headers(self.api_key), timeout=self.health_check_timeout
+            )
+            logger.debug("Health check passed in %.1f ms", self.health.seconds * 1000)
+            self.url = await tunnel.open(self._tunnel_context())
+            self.task_app_worker_token = tunnel.worker_token
+            if not self.skip_tunnel_verification and tunnel.mode != "local":
+                await self._verify_tunnel(tunnel)
+        except BaseException as exc:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(self._teardown())
+            self._set_state(AppState.FAILED, error=_describe(exc))
+            logger.info("Task app %r failed to start: %s", self.name, _describe(exc))
+            raise
+        self.started_at = time.time()
+        self._set_state(AppState.RUNNING)
+        logger.info("Task app %r running at %s (local %s)", self.name, self.url, self.local_url)
+
+    def _after_start(self) -> None:
+        registry.register(self)
+        if self.on_start is not None:
+            _call_back(self.on_start, self, "on_start")
+
+    def _begin_stop(self) -> bool:
+        if self.state in (AppState.STOPPED, AppState.STOPPING):
+            return False
+        if self.state is AppState.FAILED and self._server is None and self._thread is None:
+            return False
+        if self.on_stop is not None and self.state is AppState.RUNNING:
+            _call_back(self.on_stop, self, "on_stop")
+        self._set_state(AppState.STOPPING)
+        logger.info("Stopping task app %r", self.name)
+        return True
+
+    async def _stop_here(self) -> None:
+        await self._teardown()
+
+    def _after_stop(self) -> None:
+        registry.unregister(self)
+        self.url = None
+        self.task_app_worker_token = None
+        self.started_at = None
+        self._set_state(AppState.STOPPED)
+        logger.info("Task app %r stopped", self.name)
+
+    async def _teardown(self) -> None:
+        """Close tunnel, then server (listener first). Idempotent; logs, never raises."""
+        tunnel, server = self.tunnel, self._server
+        self._server = None
+        if tunnel is not None:
+            try:
+                await tunnel.close()
+            except Exception:  # noqa: BLE001
+                logger.warning("Error while closing the %s tunnel", tunnel.mode, exc_info=True)
+        if server is not None:
+            try:
+                await server.stop()
+            except Exception:  # noqa: BLE001
+                logger.warning("Error while stopping the server", exc_info=True)
+
+    def _stop_hard(self) -> None:
+        """Last resort when the loop is gone: free the port."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close_listener()
+
+    def _stop_from_signal(self) -> None:
+        """Called from a signal handler on the main thread."""
+        if self._thread is not None or self._loop is None or not self._loop.is_running():
+            self.stop()
+            return
+        # Loop mode, and the signal interrupted that very loop: free the port now and let
+        # the loop finish the rest (``async with`` / asyncio.run's cleanup await it too).
+        server = self._server
+        if server is not None:
+            server.close_listener()
+            server.request_exit()
+        loop = self._loop
+        loop.call_soon_threadsafe(lambda: loop.create_task(self.astop()))
+
+    def _close_thread(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.close()
+
+    def _make_tunnel(self) -> Tunnel:
+        try:
+            return create_tunnel(self.tunnel_mode)
+        except ImportError as exc:
+            raise ModeNotAvailableError(
+                f"tunnel_mode={self.tunnel_mode!r} is not available in this build ({exc}). "
+                "Use tunnel_mode='local' or 'preconfigured'."
+            ) from exc
+
+    def _tunnel_context(self) -> TunnelContext:
+        return TunnelContext(
+            local_host=self.host,
+            local_port=self.port,
+            api_key=self.api_key,
+            force_new_tunnel=self.force_new_tunnel,
+            preconfigured_url=self.preconfigured_url,
+            preconfigured_auth_header=self.preconfigured_auth_header,
+            preconfigured_auth_token=self._preconfigured_auth_token,
+            on_event=self._on_tunnel_event,
+        )
+
+    def _on_tunnel_event(self, line: str) -> None:
+        self._event(f"tunnel: {line}")
+        tunnel = self.tunnel
+        if tunnel is not None and tunnel.url and tunnel.url != self.url and self.is_running:
+            logger.info("Tunnel URL of %r changed to %s", self.name, tunnel.url)
+            self.url = tunnel.url
+        for listener in list(self._listeners):
+            with contextlib.suppress(Exception):
+                listener(self)
+
+    async def _build_app(self) -> ASGIApp:
+        if self._app is not None:
+            app = self._app
+        else:
+            config = self._config
+            if config is None and self._config_factory is not None:
+                try:
+                    config = self._config_factory()
+                except Exception as exc:
+                    raise TaskAppLoadError(
+                        f"config_factory {self._config_factory!r} raised "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+            if config is None:
+                assert self.task_app_path is not None
+                from .loading import load_task_app
+
+                loaded = load_task_app(self.task_app_path)
+                app, config = (loaded, None) if callable(loaded) else (None, loaded)
+            if config is not None:
+                from .contract import TaskAppConfig, create_task_app
+
+                if not isinstance(config, TaskAppConfig):
+                    raise TaskAppLoadError(
+                        f"Expected a TaskAppConfig, got {type(config).__name__}. Build it with "
+                        "taskapp_notebook.TaskAppConfig(...)."
+                    )
+                app = create_task_app(config)
+        state = getattr(app, "state", None)
+        if state is not None and getattr(state, "taskapp_contract", False):
+            state.taskapp_api_keys = (self.api_key,)
+        asgi: ASGIApp = app
+        return asgi
+
+    async def _acquire_socket(self) -> socket.socket:
+        host, port = self.host, self.requested_port
+        if self.auto_find_port:
+            return bind_first_free(host, port)
+        try:
+            return bind_listener(host, port)
+        except OSError as exc:
+            if not is_addr_in_use(exc):
+                raise
+        other = registry.find_by_port(port)
+        holders_text = ""
+        if other is not None and other is not self:
+            logger.warning("Port %d is held by %r in this process; stopping it", port, other)
+            await other.astop()
+        else:
+            holders = await asyncio.to_thread(listening_holders, port)
+            for holder in holders:
+                if holder.pid == os.getpid():
+                    raise PortInUseError(
+                        f"Port {port} on {host!r} is in use by this process (pid {holder.pid}), "
+                        "by a server that taskapp_notebook did not start. Close it, pick another "
+                        "port, or pass auto_find_port=True."
+                    )
+                if holder.uid != os.getuid():
+                    raise PortInUseError(
+                        f"Port {port} on {host!r} is in use by {holder.describe()}, owned by "
+                        "another user; not touching it. Pick another port or pass "
+                        "auto_find_port=True."
+                    )
+                await asyncio.to_thread(terminate_holder, holder)
+            holders_text = "; ".join(h.describe() for h in holders)
+        for _ in range(40):
+            try:
+                return bind_listener(host, port)
+            except OSError as exc:
+                if not is_addr_in_use(exc):
+                    raise
+            await asyncio.sleep(0.025)
+        by = f" by {holders_text}" if holders_text else ""
+        raise PortInUseError(
+            f"Port {port} on {host!r} is still in use{by}. Stop it, pick another port, or pass "
+            "auto_find_port=True."
+        )
+
+    async def _verify_tunnel(self, tunnel: Tunnel) -> None:
+        assert self.url is not None
+        try:
+            await wait_healthy(
+                self.url,
+                tunnel.verification_headers(),
+                timeout=min(self.health_check_timeout, 60.0),
+                what=f"{tunnel.mode} tunnel",
+            )
+        except StartError as exc:
+            raise TunnelVerificationError(
+                f"The tunnel opened but does not reach the app: {exc} "
+                "Pass skip_tunnel_verification=True to start without this check."
+            ) from exc
+
+
+def _validate_tunnel(tunnel_mode: str, tunnel_backend: Any | None) -> str:
+    if tunnel_backend is not None:
+        return canonical_mode(tunnel_backend)
+    mode = str(tunnel_mode).strip().lower() if isinstance(tunnel_mode, str) else tunnel_mode
+    if mode not in TUNNEL_MODES:
+        raise InvalidParameterError(
+            f"tunnel_mode must be one of {', '.join(map(repr, TUNNEL_MODES))}, got "
+            f"{tunnel_mode!r}."
+        )
+    return str(mode)
+
+
+def _resolve_api_key(api_key: str | None) -> tuple[str, str]:
+    if api_key:
+        return api_key, "argument"
+    env = os.environ.get("ENVIRONMENT_API_KEY")
+    if env:
+        return env, "ENVIRONMENT_API_KEY"
+    return secrets.token_urlsafe(32), "generated"
+
+
+def _default_name(kind: str, path: Path | None) -> str:
+    return path.stem if path is not None else f"{kind}-{secrets.token_hex(2)}"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _call_back(callback: Callback, app: InProcessTaskApp, label: str) -> None:
+    try:
+        callback(app)
+    except Exception:  # noqa: BLE001 - callbacks never break the lifecycle
+        logger.warning("%s callback %r raised; ignoring", label, callback, exc_info=True)

@@ -1,0 +1,165 @@
+"""uvicorn on a socket we bound, with fast start/stop and no signal capture.
+
+``ServerHandle`` runs ``uvicorn.Server.serve`` as a task on the *current* event loop (the
+kernel's loop, or the loop of the runner's own thread). Facts this relies on
+(kernel-facts.md): uvicorn must not capture signals inside a kernel, a failed lifespan calls
+``sys.exit`` inside uvicorn, and uvicorn's own main loop and shutdown poll every 100 ms —
+we replace both with event-driven versions so start and stop take milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Generator
+from typing import Any
+
+import uvicorn
+
+from .errors import ServerStartError
+from .stats import InstrumentedApp
+
+logger = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn.Server without signal capture and without 100 ms polling."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.exit_event = asyncio.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # The kernel (or the user's script) owns signals; we are stopped explicitly.
+        yield
+
+    async def main_loop(self) -> None:
+        # on_tick(0) refreshes the Date header; wake on exit or once a second.
+        while not await self.on_tick(0):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.exit_event.wait(), timeout=1.0)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.config.timeout_graceful_shutdown or 5.0)
+        delay = 0.0005
+        while (self.server_state.connections or self.server_state.tasks) and not self.force_exit:
+            if loop.time() >= deadline:
+                logger.warning(
+                    "Cancelling %d request(s) still running at shutdown",
+                    len(self.server_state.tasks),
+                )
+                for task in self.server_state.tasks:
+                    task.cancel()
+                for connection in list(self.server_state.connections):
+                    connection.transport.close()
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        if not self.force_exit:
+            await self.lifespan.shutdown()
+
+
+class ServerHandle:
+    """One uvicorn server on a pre-bound socket, as a task on the running loop."""
+
+    def __init__(
+        self,
+        app: InstrumentedApp,
+        sock: socket.socket,
+        *,
+        graceful_timeout: float = 5.0,
+    ) -> None:
+        self.app = app
+        self.sock = sock
+        host, port = sock.getsockname()[:2]
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+            lifespan="auto",
+            timeout_graceful_shutdown=int(graceful_timeout) or 1,
+        )
+        self.server = _Server(config)
+        self.task: asyncio.Task[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        """Start serving; return once the socket accepts requests. Raise ServerStartError."""
+        self.loop = asyncio.get_running_loop()
+        self.task = self.loop.create_task(self._serve(), name=f"taskapp-server:{self.port}")
+        while not self.server.started:
+            if self.task.done():
+                self.task.result()  # raises the ServerStartError
+                raise ServerStartError("uvicorn exited during startup without an error.")
+            await asyncio.sleep(0.0005)
+
+    @property
+    def port(self) -> int:
+        port: int = self.sock.getsockname()[1]
+        return port
+
+    async def _serve(self) -> None:
+        try:
+            await self.server.serve(sockets=[self.sock])
+        except SystemExit as exc:
+            # uvicorn calls sys.exit() when lifespan startup fails; never let it reach
+            # the kernel (kernel-facts.md #3).
+            reason = self.app.lifespan_error or f"uvicorn exited with code {exc.code}"
+            raise ServerStartError(
+                f"The task app failed to start: its lifespan startup raised ({reason}). "
+                "Fix the app's startup hooks and start again."
+            ) from None
+        finally:
+            self.sock.close()
+
+    def close_listener(self) -> None:
+        """Stop accepting connections now (frees the port). Safe from any thread of the loop."""
+        for server in getattr(self.server, "servers", []):
+            server.close()
+        self.sock.close()
+
+    def request_exit(self) -> None:
+        """Ask the server to exit; callable from any thread and from signal handlers."""
+        self.server.should_exit = True
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._on_loop_exit)
+
+    def _on_loop_exit(self) -> None:
+        self.close_listener()
+        self.server.exit_event.set()
+
+    async def stop(self) -> None:
+        """Close the listener first, then shut the server down. Idempotent."""
+        task = self.task
+        if task is None:
+            self.sock.close()
+            return
+        self.server.should_exit = True
+        self.close_listener()
+        self.server.exit_event.set()
+        if not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if not task.done():
+                    self.server.force_exit = True
+                    raise
+        with contextlib.suppress(BaseException):
+            task.result()
+
+    def describe(self) -> dict[str, Any]:
+        return {"port": self.port, "started": self.server.started}
