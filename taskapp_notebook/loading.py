@@ -1,0 +1,221 @@
+"""Load a task app from a ``.py`` file.
+
+:func:`load_task_app` executes the file as a fresh, uniquely named module (re-loading the
+same path runs the current source again, never a cached copy) and looks for, in order:
+
+1. ``app`` — an ASGI application (for example a FastAPI instance);
+2. ``build_config()`` — returns a :class:`~taskapp_notebook.models.TaskAppConfig`;
+3. ``config`` — a ``TaskAppConfig``;
+4. ``config_factory()`` — returns a ``TaskAppConfig``.
+
+It returns a :class:`LoadedTaskApp`; ``.build_app()`` gives the ASGI app to serve. While
+the file runs, its directory is first on ``sys.path`` so it can import sibling modules;
+siblings imported that way are re-imported on the next load from that directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import itertools
+import logging
+import os
+import re
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from .errors import InvalidParameterError, TaskAppLoadError, TaskAppNotFoundError
+
+if TYPE_CHECKING:
+    from .models import TaskAppConfig
+
+__all__ = ["LOOKED_FOR", "LoadedTaskApp", "load_task_app", "validate_task_app_path"]
+
+logger = logging.getLogger(__name__)
+
+#: What a task-app file may define, in the order it is looked for.
+LOOKED_FOR: tuple[str, ...] = (
+    "`app` (an ASGI application, e.g. a FastAPI instance)",
+    "`build_config()` (returns a TaskAppConfig)",
+    "`config` (a TaskAppConfig)",
+    "`config_factory()` (returns a TaskAppConfig)",
+)
+
+_counter = itertools.count(1)
+_lock = threading.RLock()
+#: directory -> names of sibling modules that loading a file from it imported.
+_siblings: dict[Path, set[str]] = {}
+
+
+@dataclass(frozen=True)
+class LoadedTaskApp:
+    """What :func:`load_task_app` found. Exactly one of ``app`` / ``config`` is set."""
+
+    path: Path
+    module: ModuleType
+    source: str
+    app: Callable[..., Any] | None = None
+    config: TaskAppConfig | None = None
+
+    def build_app(self, *, api_keys: Sequence[str] | None = None) -> Callable[..., Any]:
+        """The ASGI app: ``app`` as is, or ``create_task_app(config, api_keys=...)``."""
+        if self.app is not None:
+            return self.app
+        from .contract import create_task_app
+
+        assert self.config is not None
+        return create_task_app(self.config, api_keys=api_keys)
+
+
+def validate_task_app_path(path: str | os.PathLike[str]) -> Path:
+    """Return ``path`` resolved; it must be an existing ``.py`` file."""
+    if not isinstance(path, str | os.PathLike):
+        raise InvalidParameterError(
+            f"task_app_path must be a str or Path; got {type(path).__name__} {path!r}."
+        )
+    given = Path(path).expanduser()
+    resolved = given.resolve()
+    if not resolved.exists():
+        raise TaskAppNotFoundError(
+            f"task_app_path {str(path)!r} does not exist (looked at {str(resolved)!r}; "
+            f"relative paths start from the current directory {os.getcwd()!r})."
+        )
+    if resolved.is_dir():
+        raise InvalidParameterError(
+            f"task_app_path {str(path)!r} is a directory; pass the .py file that defines the app."
+        )
+    if resolved.suffix != ".py":
+        raise InvalidParameterError(
+            f"task_app_path {str(path)!r} must be a .py file; got a {resolved.suffix or 'no'!s} "
+            "suffix."
+        )
+    return resolved
+
+
+def _module_name(path: Path) -> str:
+    stem = re.sub(r"\W", "_", path.stem) or "app"
+    return f"_taskapp_file_{stem}_{next(_counter)}"
+
+
+def _forget_siblings(directory: Path) -> None:
+    """Drop the siblings a previous load imported, and their .pyc (it may be stale)."""
+    for name in _siblings.pop(directory, set()):
+        file = getattr(sys.modules.pop(name, None), "__file__", None)
+        if file and file.endswith(".py"):
+            with contextlib.suppress(OSError, NotImplementedError, ValueError):
+                Path(importlib.util.cache_from_source(file)).unlink(missing_ok=True)
+
+
+def _record_siblings(directory: Path, before: set[str]) -> None:
+    """Remember modules this load imported *from directory itself* (not site-packages)."""
+    found: set[str] = set()
+    for name in set(sys.modules) - before:
+        file = getattr(sys.modules.get(name), "__file__", None)
+        if not file or name.split(".")[0] == "taskapp_notebook":
+            continue
+        try:
+            first = Path(file).resolve().relative_to(directory).parts[0]
+        except ValueError:
+            continue
+        if first.removesuffix(".py") == name.split(".")[0]:
+            found.add(name)
+    if found:
+        _siblings[directory] = found
+
+
+def _execute(path: Path) -> ModuleType:
+    """Run ``path`` as a new module with its directory importable; return the module."""
+    name = _module_name(path)
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None:  # pragma: no cover - only for paths importlib cannot handle at all
+        raise TaskAppLoadError(f"Cannot create a module spec for {str(path)!r}.")
+    module = importlib.util.module_from_spec(spec)
+    directory = path.parent
+    with _lock:
+        _forget_siblings(directory)
+        importlib.invalidate_caches()
+        added = str(directory) not in sys.path
+        if added:
+            sys.path.insert(0, str(directory))
+        before = set(sys.modules)
+        sys.modules[name] = module
+        try:
+            # Compile the current source ourselves: a cached .pyc could be stale when the
+            # file was edited within the same second, and fresh code is the point here.
+            code = compile(path.read_bytes(), str(path), "exec")
+            exec(code, module.__dict__)
+        except (Exception, SystemExit) as exc:
+            sys.modules.pop(name, None)
+            raise TaskAppLoadError(
+                f"Executing task app file {str(path)!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            _record_siblings(directory, before | {name})
+            if added:
+                try:
+                    sys.path.remove(str(directory))
+                except ValueError:
+                    pass
+    return module
+
+
+def _call_factory(path: Path, attr: str, factory: Any) -> Any:
+    if not callable(factory):
+        raise TaskAppLoadError(
+            f"`{attr}` in {str(path)!r} must be callable (got {type(factory).__name__})."
+        )
+    try:
+        return factory()
+    except Exception as exc:
+        raise TaskAppLoadError(
+            f"`{attr}()` in {str(path)!r} raised {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def load_task_app(path: str | os.PathLike[str]) -> LoadedTaskApp:
+    """Execute the task-app file at ``path`` and return what it defines (see module doc)."""
+    from .models import TaskAppConfig
+
+    resolved = validate_task_app_path(path)
+    module = _execute(resolved)
+    where = str(resolved)
+    found = vars(module)
+
+    if "app" in found:
+        app = found["app"]
+        if isinstance(app, TaskAppConfig):
+            raise TaskAppLoadError(
+                f"`app` in {where!r} is a TaskAppConfig; name it `config` or wrap it with "
+                "create_task_app(...)."
+            )
+        if not callable(app):
+            raise TaskAppLoadError(
+                f"`app` in {where!r} is not an ASGI application (got {type(app).__name__})."
+            )
+        logger.debug("Loaded ASGI app `app` from %s", where)
+        return LoadedTaskApp(path=resolved, module=module, source="app", app=app)
+
+    for attr, is_factory in (("build_config", True), ("config", False), ("config_factory", True)):
+        if attr not in found:
+            continue
+        value = _call_factory(resolved, attr, found[attr]) if is_factory else found[attr]
+        if not isinstance(value, TaskAppConfig):
+            what = (
+                f"`{attr}()` in {where!r} returned" if is_factory else f"`{attr}` in {where!r} is"
+            )
+            raise TaskAppLoadError(
+                f"{what} {type(value).__name__}, not a TaskAppConfig (use "
+                "taskapp_notebook.TaskAppConfig)."
+            )
+        logger.debug("Loaded TaskAppConfig %r via `%s` from %s", value.app_id, attr, where)
+        return LoadedTaskApp(path=resolved, module=module, source=attr, config=value)
+
+    raise TaskAppLoadError(
+        f"{where!r} defines no task app. Looked for, in order: " + "; ".join(LOOKED_FOR) + "."
+    )
