@@ -8,7 +8,9 @@ same path runs the current source again, never a cached copy) and looks for, in 
 3. ``config`` — a ``TaskAppConfig``;
 4. ``config_factory()`` — returns a ``TaskAppConfig``.
 
-It returns a :class:`LoadedTaskApp`; ``.build_app()`` gives the ASGI app to serve. While
+:func:`load_task_app` returns what it found: the ASGI app, or the ``TaskAppConfig`` (turn it
+into an app with ``create_task_app``). :func:`load_task_app_module` returns a
+:class:`LoadedTaskApp` with the module and which name was used as well. While
 the file runs, its directory is first on ``sys.path`` so it can import sibling modules;
 siblings imported that way are re-imported on the next load from that directory.
 """
@@ -35,7 +37,13 @@ from .errors import InvalidParameterError, TaskAppLoadError, TaskAppNotFoundErro
 if TYPE_CHECKING:
     from .models import TaskAppConfig
 
-__all__ = ["LOOKED_FOR", "LoadedTaskApp", "load_task_app", "validate_task_app_path"]
+__all__ = [
+    "LOOKED_FOR",
+    "LoadedTaskApp",
+    "load_task_app",
+    "load_task_app_module",
+    "validate_task_app_path",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +186,17 @@ def _call_factory(path: Path, attr: str, factory: Any) -> Any:
         ) from exc
 
 
-def load_task_app(path: str | os.PathLike[str]) -> LoadedTaskApp:
-    """Execute the task-app file at ``path`` and return what it defines (see module doc)."""
+def load_task_app(path: str | os.PathLike[str]) -> Callable[..., Any] | TaskAppConfig:
+    """Execute the task-app file at ``path``; return its ASGI ``app`` or its ``TaskAppConfig``."""
+    loaded = load_task_app_module(path)
+    if loaded.app is not None:
+        return loaded.app
+    assert loaded.config is not None
+    return loaded.config
+
+
+def load_task_app_module(path: str | os.PathLike[str]) -> LoadedTaskApp:
+    """Execute the task-app file at ``path`` and report what it defines (see module doc)."""
     from .models import TaskAppConfig
 
     resolved = validate_task_app_path(path)

@@ -10,8 +10,14 @@ from typing import Any
 import httpx
 import pytest
 
+from taskapp_notebook.contract import TaskAppConfig, create_task_app
 from taskapp_notebook.errors import InvalidParameterError, TaskAppLoadError, TaskAppNotFoundError
-from taskapp_notebook.loading import LOOKED_FOR, load_task_app, validate_task_app_path
+from taskapp_notebook.loading import (
+    LOOKED_FOR,
+    load_task_app,
+    load_task_app_module,
+    validate_task_app_path,
+)
 
 KEY = "load-key"
 
@@ -88,10 +94,13 @@ async def test_module_level_asgi_app(tmp_path: Path) -> None:
             return {"from": "plain_app"}
         """,
     )
-    loaded = load_task_app(path)
+    loaded = load_task_app_module(path)
     assert loaded.source == "app" and loaded.config is None
     assert loaded.build_app() is loaded.app
     assert await get_json(loaded.build_app(), "/hello") == {"from": "plain_app"}
+    app = load_task_app(path)  # a fresh module, so a fresh app object
+    assert app is not loaded.app
+    assert await get_json(app, "/hello") == {"from": "plain_app"}
 
 
 @pytest.mark.parametrize(
@@ -104,7 +113,7 @@ async def test_module_level_asgi_app(tmp_path: Path) -> None:
 )
 async def test_config_forms(tmp_path: Path, source: str, tail: str) -> None:
     path = write(tmp_path, f"{source}_app.py", CONFIG_BODY + tail)
-    loaded = load_task_app(path)
+    loaded = load_task_app_module(path)
     assert loaded.source == source and loaded.app is None
     assert loaded.config is not None
     app_id = loaded.config.app_id
@@ -113,6 +122,11 @@ async def test_config_forms(tmp_path: Path, source: str, tail: str) -> None:
     assert await get_json(app, "/task_info", **{"X-API-Key": KEY}) == {
         "taskset": {"made_by": app_id}
     }
+    config = load_task_app(path)
+    assert isinstance(config, TaskAppConfig) and config.app_id == app_id
+    from_plain = create_task_app(config, api_keys=[KEY])
+    health = await get_json(from_plain, "/health", **{"X-API-Key": KEY})
+    assert health["healthy"] is True
 
 
 @pytest.mark.parametrize(
@@ -125,7 +139,7 @@ async def test_config_forms(tmp_path: Path, source: str, tail: str) -> None:
 )
 def test_lookup_order(tmp_path: Path, names: str, winner: str) -> None:
     source = CONFIG_BODY + "from taskapp_notebook.contract import create_task_app\n" + names
-    assert load_task_app(write(tmp_path, "both.py", source)).source == winner
+    assert load_task_app_module(write(tmp_path, "both.py", source)).source == winner
 
 
 # --- failures ------------------------------------------------------------------------------------
@@ -208,7 +222,7 @@ def test_sibling_imports_and_fresh_code_on_reload(
     )
     path = write(directory, "sibling_app.py", source)
 
-    first = load_task_app(path)
+    first = load_task_app_module(path)
     assert first.config is not None and first.config.app_id == "one-first"
     assert str(directory) not in sys.path
     assert first.module.Sample("x").text == "x"
@@ -217,7 +231,7 @@ def test_sibling_imports_and_fresh_code_on_reload(
     # Same length edits: a cached .pyc keyed on mtime+size could otherwise be reused.
     write(directory, "taskapp_sibling_helper.py", "VALUE = 'two'\n")
     path.write_text(source.replace("'first'", "'again'"))
-    second = load_task_app(path)
+    second = load_task_app_module(path)
     assert second.config is not None and second.config.app_id == "two-again"
     assert second.module is not first.module
     assert second.module.__name__ != first.module.__name__
