@@ -1,0 +1,388 @@
+"""Cloudflare tunnels through a ``cloudflared`` child process: quick and named.
+
+Both backends run cloudflared as a :class:`~.process.ManagedProcess` (own session, so
+"Interrupt kernel" does not kill it; parent-death signal on Linux, so a killed kernel leaves
+no orphan; last log lines kept and attached to every :class:`TunnelError`).
+
+Binary: ``CLOUDFLARED_PATH`` or ``TASKAPP_CLOUDFLARED`` (a path or a name on PATH), else
+``cloudflared`` on PATH. It is never downloaded. ``TASKAPP_CLOUDFLARED_TIMEOUT`` (seconds,
+default 30) bounds the wait for the tunnel to connect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from ..errors import TunnelError, mask_secret
+from .base import TunnelContext
+from .process import SubprocessTunnel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["NamedTunnel", "QuickTunnel", "find_cloudflared"]
+
+BINARY_ENV_VARS = ("CLOUDFLARED_PATH", "TASKAPP_CLOUDFLARED")
+TIMEOUT_ENV_VAR = "TASKAPP_CLOUDFLARED_TIMEOUT"
+DEFAULT_BACKEND_URL = "https://api.usesynth.ai"
+#: Where installers put cloudflared when a notebook's PATH is shorter than the shell's.
+_EXTRA_DIRS = ("/usr/local/bin", "/opt/homebrew/bin", "/usr/bin", "~/.local/bin", "~/bin")
+
+INSTALL_HINT = (
+    "Install it with your package manager (macOS: `brew install cloudflared`; Debian/Ubuntu "
+    "and RHEL: Cloudflare's package repository at https://pkg.cloudflare.com; Windows: "
+    "`winget install --id Cloudflare.cloudflared`) or from "
+    "https://developers.cloudflare.com/cloudflare-one/connections/connect-networks/downloads/"
+    ", or point CLOUDFLARED_PATH at an existing binary. tunnel_mode='synthtunnel' needs no "
+    "binary."
+)
+
+QUICK_URL_RE = re.compile(r"https://[a-z0-9-]+\.trycloudflare\.com")
+CONNECTED_LINE = "Registered tunnel connection"
+_RATE_LIMITED = ("429 too many requests", "failed to unmarshal quick tunnel", 'status_code="429')
+_OUTAGE = ("failed to request quick tunnel",)
+_BAD_TOKEN = ("token is not valid", "invalid token", "unauthorized", "tunnel not found")
+
+
+def find_cloudflared(explicit: str | None = None) -> str:
+    """Return the path of the cloudflared binary, or raise TunnelError saying how to get it."""
+    candidates = [("binary", explicit)] + [(v, os.environ.get(v)) for v in BINARY_ENV_VARS]
+    for source, value in candidates:
+        if not value:
+            continue
+        path = shutil.which(os.path.expanduser(value))
+        if path is None:
+            raise TunnelError(
+                f"{source} is {value!r}, which is not an executable file or a command on "
+                f"PATH. Fix or unset it. {INSTALL_HINT}"
+            )
+        return path
+    found = shutil.which("cloudflared")
+    if found is None:
+        extra = os.pathsep.join(os.path.expanduser(d) for d in _EXTRA_DIRS)
+        found = shutil.which("cloudflared", path=extra)
+    if found is None:
+        raise TunnelError(
+            "cloudflared was not found on PATH (nor via CLOUDFLARED_PATH / "
+            f"TASKAPP_CLOUDFLARED); Cloudflare tunnels need it. {INSTALL_HINT}"
+        )
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _child_env(**extra: str) -> dict[str, str]:
+    """Our environment minus secrets cloudflared must not inherit, plus ``extra``."""
+    drop = {"TUNNEL_TOKEN", "CLOUDFLARE_TUNNEL_TOKEN", "SYNTH_API_KEY"}
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
+
+
+def _timeout_from_env(default: float) -> float:
+    raw = os.environ.get(TIMEOUT_ENV_VAR)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise TunnelError(f"{TIMEOUT_ENV_VAR}={raw!r} is not a positive number of seconds.")
+    return value
+
+
+class _CloudflaredTunnel(SubprocessTunnel):
+    """What both cloudflared backends share: binary, metrics server, connection signals."""
+
+    process_name = "cloudflared"
+
+    def __init__(
+        self, *, binary: str | None = None, timeout: float | None = None, stop_timeout: float = 5.0
+    ) -> None:
+        super().__init__(timeout=timeout, stop_timeout=stop_timeout)
+        self.binary = binary
+        self._metrics: str | None = None
+        self._log_url: str | None = None
+        self._registered = False
+        self._preflighted = False
+        self._http: httpx.AsyncClient | None = None
+
+    def preflight(self, ctx: TunnelContext) -> None:
+        """Raise TunnelError before the server starts if cloudflared cannot run here."""
+        self._ctx = ctx
+        self.binary = find_cloudflared(self.binary)
+        if self.timeout is None:
+            self.timeout = _timeout_from_env(30.0)
+        self._preflighted = True
+
+    def _begin(self, ctx: TunnelContext) -> str:
+        """Preflight if the runner did not; refuse a second open. Returns the binary."""
+        if self.process is not None or self._closed:
+            raise TunnelError(f"This {self.mode} tunnel was already opened; create a new one.")
+        if not self._preflighted:
+            self.preflight(ctx)
+        self._ctx = ctx
+        assert self.binary is not None
+        return self.binary
+
+    def _on_line(self, line: str) -> None:  # reader thread
+        if CONNECTED_LINE in line:
+            self._registered = True
+        if self._log_url is None and (m := QUICK_URL_RE.search(line)):
+            self._log_url = m.group(0)
+        super()._on_line(line)
+
+    async def _probe(self) -> tuple[str | None, bool]:
+        """(public URL, edge connection ready?) from the metrics server, else the log."""
+        url, ready = self._log_url, self._registered
+        if self._metrics is None or self._http is None:
+            return url, ready
+        with contextlib.suppress(httpx.HTTPError, ValueError, AttributeError):
+            r = await self._http.get(f"http://{self._metrics}/quicktunnel")
+            if r.status_code == 200 and (host := r.json().get("hostname")):
+                url = f"https://{host}"
+        with contextlib.suppress(httpx.HTTPError):
+            r = await self._http.get(f"http://{self._metrics}/ready")
+            ready = ready or r.status_code == 200
+        return url, ready
+
+    def _not_ready(self, url: str | None, ready: bool, timeout: float) -> str:
+        missing = [] if url else ["no public hostname (none from /quicktunnel or the log)"]
+        if not ready:
+            missing.append(f"no edge connection (/ready never 200, no {CONNECTED_LINE!r} line)")
+        return (
+            f"cloudflared did not connect within {timeout:g}s: {'; '.join(missing)}. It was "
+            "stopped. Check this machine's outbound network (cloudflared needs UDP 7844 or TCP "
+            f"443 to Cloudflare's edge), or raise {TIMEOUT_ENV_VAR}."
+        )
+
+    async def _run(
+        self, ctx: TunnelContext, argv: list[str], env: Mapping[str, str], secrets: list[str]
+    ) -> str:
+        try:
+            async with httpx.AsyncClient(trust_env=False, timeout=2.0) as self._http:
+                url = await self._start_and_wait(ctx, argv, env, secrets, INSTALL_HINT)
+        finally:
+            self._http = None
+        logger.info("Cloudflare %s tunnel connected: %s", self.mode, url)
+        ctx.on_event(f"Cloudflare {self.mode} tunnel connected: {url}")
+        return url
+
+
+class QuickTunnel(_CloudflaredTunnel):
+    """An anonymous ``https://<random>.trycloudflare.com`` tunnel (mode ``"quick"``).
+
+    Runs ``cloudflared tunnel --no-autoupdate --config /dev/null --url <local> --metrics
+    127.0.0.1:<free port>`` and takes the hostname from the metrics server's
+    ``/quicktunnel`` (log-line regex as fallback) and readiness from ``/ready``.
+    """
+
+    mode = "quick"
+    fatal_phrases = _RATE_LIMITED + _OUTAGE
+
+    async def open(self, ctx: TunnelContext) -> str:
+        """Start cloudflared and return the trycloudflare.com URL once connected."""
+        binary = self._begin(ctx)
+        self._metrics = f"127.0.0.1:{_free_port()}"
+        argv = [binary, "tunnel", "--no-autoupdate", "--config", os.devnull]
+        argv += ["--url", ctx.local_url, "--metrics", self._metrics]
+        return await self._run(ctx, argv, _child_env(), secrets=[])
+
+    def _explain(self, line: str) -> str:
+        low = line.lower()
+        if any(p in low for p in _RATE_LIMITED):
+            return (
+                "Cloudflare is rate-limiting quick tunnels from this network (HTTP 429 / "
+                "'failed to unmarshal quick Tunnel'). Wait a few minutes and retry, or use "
+                "tunnel_mode='synthtunnel' or 'named'."
+            )
+        if any(p in low for p in _OUTAGE):
+            return (
+                "cloudflared could not request a quick tunnel from api.trycloudflare.com "
+                "('failed to request quick Tunnel'): this machine has no route/DNS to it or "
+                "trycloudflare.com is having an outage. Check the network and retry, or use "
+                "another tunnel_mode."
+            )
+        return super()._explain(line)
+
+
+class NamedTunnel(_CloudflaredTunnel):
+    """A named (managed) Cloudflare tunnel on a stable hostname (mode ``"named"``).
+
+    Token and hostname come, in this order, from:
+
+    * ``NamedTunnel(token=..., url=...)``, or env ``CLOUDFLARE_TUNNEL_TOKEN`` plus
+      ``CLOUDFLARE_TUNNEL_URL`` (public URL or hostname): a tunnel you made yourself whose
+      ingress already points at the app's local URL;
+    * the Synth backend (``SYNTH_BACKEND_URL``, default ``https://api.usesynth.ai``;
+      ``Authorization: Bearer $SYNTH_API_KEY``): ``GET /api/v1/tunnels/`` picks the tunnel
+      for this local port, else ``POST /api/v1/tunnels/`` creates one; with
+      ``force_new_tunnel`` ``POST /api/v1/tunnels/rotate`` replaces the org's tunnel.
+
+    cloudflared gets the token through env ``TUNNEL_TOKEN``, never argv (so other users
+    cannot see it in ``ps``), and is connected at its first ``Registered tunnel
+    connection`` line (or metrics ``/ready``). Tokens appear only masked in logs and errors;
+    "invalid token", "unauthorized" and "tunnel not found" from cloudflared are fatal.
+    """
+
+    mode = "named"
+    fatal_phrases = _BAD_TOKEN
+
+    def __init__(
+        self,
+        *,
+        token: str | None = None,
+        url: str | None = None,
+        synth_api_key: str | None = None,
+        backend_url: str | None = None,
+        backend_timeout: float = 180.0,
+        binary: str | None = None,
+        timeout: float | None = None,
+        stop_timeout: float = 5.0,
+    ) -> None:
+        super().__init__(binary=binary, timeout=timeout, stop_timeout=stop_timeout)
+        self._token = token or os.environ.get("CLOUDFLARE_TUNNEL_TOKEN") or None
+        self._given_url = url or os.environ.get("CLOUDFLARE_TUNNEL_URL") or None
+        self._synth_key = synth_api_key or os.environ.get("SYNTH_API_KEY") or None
+        self.backend_url = (
+            backend_url or os.environ.get("SYNTH_BACKEND_URL") or DEFAULT_BACKEND_URL
+        ).rstrip("/")
+        self.backend_timeout = backend_timeout
+        self._token_source = "CLOUDFLARE_TUNNEL_TOKEN"
+
+    def preflight(self, ctx: TunnelContext) -> None:
+        """Check the binary and that a token source is configured."""
+        super().preflight(ctx)
+        if bool(self._token) != bool(self._given_url):
+            have, lack = (
+                ("CLOUDFLARE_TUNNEL_TOKEN", "CLOUDFLARE_TUNNEL_URL")
+                if self._token
+                else ("CLOUDFLARE_TUNNEL_URL", "CLOUDFLARE_TUNNEL_TOKEN")
+            )
+            raise TunnelError(
+                f"A named tunnel given directly needs both a token and its public URL: {have} "
+                f"is set but {lack} is not (or pass token= and url=)."
+            )
+        if not self._token and not self._synth_key:
+            raise TunnelError(
+                "tunnel_mode='named' needs a tunnel token: set SYNTH_API_KEY (the Synth backend "
+                "hands one out) or CLOUDFLARE_TUNNEL_TOKEN and CLOUDFLARE_TUNNEL_URL for your "
+                "own Cloudflare tunnel."
+            )
+
+    async def open(self, ctx: TunnelContext) -> str:
+        """Get a token (given or from the backend), run cloudflared, return the URL."""
+        binary = self._begin(ctx)
+        if self._token and self._given_url:
+            token, url = self._token, _as_url(self._given_url)
+        else:
+            token, url = await self._from_backend(ctx)
+            self._token_source = f"the Synth backend ({self.backend_url})"
+        self._metrics = f"127.0.0.1:{_free_port()}"
+        argv = [binary, "tunnel", "--no-autoupdate", "--config", os.devnull]
+        argv += ["--metrics", self._metrics, "run"]
+        self._log_url = url  # the URL is known up front; only the connection is awaited
+        return await self._run(ctx, argv, _child_env(TUNNEL_TOKEN=token), secrets=[token])
+
+    def _explain(self, line: str) -> str:
+        return (
+            f"Cloudflare rejected the named tunnel token from {self._token_source} "
+            f"({mask_secret(self._token)}): {line.strip()!r}. It is invalid, revoked or for a "
+            "deleted tunnel: pass force_new_tunnel=True to get a fresh one from the Synth "
+            "backend, or set a current CLOUDFLARE_TUNNEL_TOKEN."
+        )
+
+    async def _from_backend(self, ctx: TunnelContext) -> tuple[str, str]:
+        """(token, url) from ``/api/v1/tunnels/``: rotate, reuse for this port, or create."""
+        assert self._synth_key is not None
+        key = self._synth_key
+        headers = {"Authorization": f"Bearer {key}", "X-API-Key": key}
+        body: dict[str, Any] = {"local_port": ctx.local_port, "local_host": "127.0.0.1"}
+        base = f"{self.backend_url}/api/v1/tunnels"
+        async with httpx.AsyncClient(
+            headers=headers, timeout=self.backend_timeout, follow_redirects=True
+        ) as client:
+            if ctx.force_new_tunnel:
+                body["reason"] = "force_new_tunnel"
+                data = await self._call(client, "POST", f"{base}/rotate", body)
+            else:
+                listed = await self._call(client, "GET", f"{base}/", None)
+                items = listed.get("tunnels", []) if isinstance(listed, dict) else listed
+                items = items if isinstance(items, list) else []
+                data = next((t for t in items if _usable(t, ctx.local_port)), None)
+                if data is None:
+                    body["subdomain"] = f"task-app-{ctx.local_port}"
+                    data = await self._call(client, "POST", f"{base}/", body)
+        if not isinstance(data, dict) or not data.get("tunnel_token") or not data.get("hostname"):
+            raise self._error(
+                f"The Synth backend at {self.backend_url} answered without a tunnel_token and "
+                "hostname. Retry with force_new_tunnel=True, or use tunnel_mode='quick'."
+            )
+        self._token = str(data["tunnel_token"])
+        logger.info("Using managed tunnel %s from the Synth backend", data["hostname"])
+        return self._token, _as_url(str(data["hostname"]))
+
+    async def _call(
+        self, client: httpx.AsyncClient, method: str, url: str, body: dict[str, Any] | None
+    ) -> Any:
+        key = mask_secret(self._synth_key)
+        try:
+            r = await client.request(method, url, json=body)
+        except httpx.TimeoutException as exc:
+            raise self._error(
+                f"The Synth backend did not answer {method} {url} within "
+                f"{self.backend_timeout:g}s (it waits for DNS when creating tunnels). Retry."
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise self._error(
+                f"Could not reach the Synth backend for {method} {url}: {exc}. Check "
+                "SYNTH_BACKEND_URL and the network."
+            ) from exc
+        if method == "GET" and r.status_code == 404:
+            return []
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except (ValueError, AttributeError):
+                detail = r.text
+            hint = (
+                f"Check SYNTH_API_KEY ({key})."
+                if r.status_code in (401, 403)
+                else "Retry, pass force_new_tunnel=True to replace the org's tunnel, or use "
+                "tunnel_mode='quick'."
+            )
+            raise self._error(
+                f"The Synth backend answered {r.status_code} to {method} {url}: "
+                f"{str(detail)[:300]!r}. {hint}"
+            )
+        try:
+            return r.json()
+        except ValueError as exc:
+            raise self._error(f"The Synth backend sent non-JSON for {method} {url}.") from exc
+
+
+def _usable(item: Any, local_port: int) -> bool:
+    """A listed backend tunnel with a token and hostname that routes to ``local_port``."""
+    return (
+        isinstance(item, dict)
+        and bool(item.get("tunnel_token"))
+        and bool(item.get("hostname"))
+        and item.get("local_port") == local_port
+    )
+
+
+def _as_url(host_or_url: str) -> str:
+    value = host_or_url.strip().rstrip("/")
+    return value if value.startswith(("http://", "https://")) else f"https://{value}"
