@@ -393,6 +393,33 @@ def test_without_pdeathsig_the_child_is_orphaned(fake: FakeCloudflared) -> None:
             wait_until_dead(child)
 
 
+def test_atexit_stops_a_child_left_running(fake: FakeCloudflared) -> None:
+    """OUR atexit safety net: the parent exits without close() (and without PDEATHSIG)."""
+    parent = Parent("--no-pdeathsig", "--exit-without-close")
+    try:
+        child = parent.child_pid()
+        assert parent.proc.wait(timeout=30) == 0
+        assert not alive(child)
+    finally:
+        parent.finish()
+
+
+async def test_close_while_connecting(fake: FakeCloudflared) -> None:
+    """OUR close() during open(): the child is stopped and open() fails clearly."""
+    fake.set(mode="never-ready")
+    tunnel = QuickTunnel(timeout=20)
+    opening = asyncio.create_task(tunnel.open(make_ctx()[0]))
+    while tunnel.process is None:
+        await asyncio.sleep(0.02)
+    pid = tunnel.process.pid
+    assert pid is not None
+    await tunnel.close()
+    with pytest.raises(TunnelError, match="closed while it was connecting"):
+        await opening
+    assert state(tunnel) is TunnelState.CLOSED
+    assert not psutil.pid_exists(pid)
+
+
 # -- named tunnels -------------------------------------------------------------------------
 
 

@@ -16,12 +16,14 @@ Behaviour (see ``kernel-facts.md`` facts 4, 5 and 9):
 * A daemon reader thread keeps the last ``max_lines`` lines of stdout+stderr (merged) in a
   bounded deque, with every secret replaced by its masked form before it is stored.
 * :meth:`ManagedProcess.stop` sends SIGTERM, waits ``timeout`` seconds, then SIGKILLs, and
-  always reaps the child.
+  always reaps the child. Children still running at interpreter exit are stopped by an
+  ``atexit`` hook, a safety net behind the runner's own shutdown hooks (fact 5).
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import contextlib
 import ctypes
@@ -43,6 +45,17 @@ logger = logging.getLogger(__name__)
 __all__ = ["ManagedProcess", "SubprocessTunnel", "parent_death_preexec"]
 
 _PR_SET_PDEATHSIG = 1
+_running: set[ManagedProcess] = set()
+_running_lock = threading.Lock()
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    with _running_lock:
+        leftovers = list(_running)
+    for proc in leftovers:
+        with contextlib.suppress(Exception):
+            proc.stop(timeout=1.0)
 
 
 def parent_death_preexec(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
@@ -136,6 +149,8 @@ class ManagedProcess:
             preexec_fn=parent_death_preexec(),
             close_fds=True,
         )
+        with _running_lock:
+            _running.add(self)
         assert self._popen.stdout is not None
         self._reader = threading.Thread(
             target=self._read,
@@ -188,6 +203,8 @@ class ManagedProcess:
                 popen.wait()
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(timeout=2.0)
+        with _running_lock:
+            _running.discard(self)
         logger.debug("%s (pid %s) exited with %s", self.name, popen.pid, popen.returncode)
         return popen.returncode
 
@@ -273,7 +290,8 @@ class SubprocessTunnel:
         lines = self.process.log_lines() if self.process is not None else []
         if self.process is not None:
             message = self.process.mask(message)
-        self.status.set(TunnelState.DOWN, message.splitlines()[0])
+        final = TunnelState.CLOSED if self._closed else TunnelState.DOWN
+        self.status.set(final, message.splitlines()[0])
         return TunnelError(message, log_lines=lines)
 
     def _exited(self, code: int) -> TunnelError:
@@ -344,6 +362,9 @@ class SubprocessTunnel:
     async def _wait(self, proc: ManagedProcess, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         while True:
+            if self._closed:
+                proc.stop(self.stop_timeout)
+                raise self._error(f"The {self.mode} tunnel was closed while it was connecting.")
             if self._fatal is not None:
                 proc.stop(self.stop_timeout)
                 raise self._error(self._explain(self._fatal))

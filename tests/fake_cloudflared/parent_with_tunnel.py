@@ -2,7 +2,8 @@
 
 Prints ``{"child_pid": ...}`` once open, ``sigint`` for each SIGINT it gets (it survives
 them, as ipykernel does), and closes the tunnel when a line arrives on stdin.
-``--no-pdeathsig`` disables the parent-death signal (the negative control).
+``--no-pdeathsig`` disables the parent-death signal (the negative control);
+``--exit-without-close`` returns right after opening, leaving the child to our atexit hook.
 Tests OUR process handling only; no tunnel is involved.
 """
 
@@ -31,6 +32,8 @@ async def main() -> None:
     assert tunnel.process is not None
     signal.signal(signal.SIGINT, on_sigint)
     print(json.dumps({"child_pid": tunnel.process.pid}), flush=True)
+    if "--exit-without-close" in sys.argv:
+        return
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     await tunnel.close()
     print("closed", flush=True)
