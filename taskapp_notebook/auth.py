@@ -31,8 +31,7 @@ __all__ = [
 KEY_ENV = "ENVIRONMENT_API_KEY"
 ALIASES_ENV = "ENVIRONMENT_API_KEY_ALIASES"
 
-#: Header names (lower-case) that may carry a key, in the order they are reported.
-AUTH_HEADERS: tuple[str, ...] = ("x-api-key", "x-api-keys", "authorization")
+_KNOWN_SCHEMES = frozenset({"basic", "digest", "token", "negotiate", "hoba", "mutual", "apikey"})
 
 
 def normalize_keys(keys: Iterable[str] | None) -> tuple[str, ...]:
@@ -95,8 +94,9 @@ def _presented(headers: Iterable[tuple[str, str]]) -> tuple[list[str], list[str]
                 seen.setdefault("authorization (Bearer)", None)
                 candidates.append(token.strip())
             else:
-                label = scheme[:20] if scheme.isalpha() else "unknown"
-                seen.setdefault(f"authorization (scheme {label!r}, not Bearer)", None)
+                # Name only well-known schemes: a bare key in this header must not leak.
+                label = repr(scheme.lower()) if scheme.lower() in _KNOWN_SCHEMES else "unrecognised"
+                seen.setdefault(f"authorization (scheme {label}, not Bearer)", None)
     return [c for c in candidates if c], list(seen)
 
 

@@ -391,6 +391,16 @@ def test_wrong_key_gets_401_without_echoing_it(caplog: pytest.LogCaptureFixture)
     assert response.headers["www-authenticate"] == "Bearer"
     assert missing.status_code == 401
     assert missing.json()["detail"]["error"]["headers_seen"] == []
+    with client_for(make_config(), api_keys=[KEY]) as client:
+        bare = client.get("/health", headers={"Authorization": "baresecretword"})
+        basic = client.get("/health", headers={"Authorization": "Basic dXNlcjpwdw=="})
+    assert bare.status_code == 401 and "baresecretword" not in bare.text
+    assert bare.json()["detail"]["error"]["headers_seen"] == [
+        "authorization (scheme unrecognised, not Bearer)"
+    ]
+    assert basic.json()["detail"]["error"]["headers_seen"] == [
+        "authorization (scheme 'basic', not Bearer)"
+    ]
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "Rejected GET /health" in logged
     assert wrong not in logged and KEY not in logged
