@@ -1,0 +1,355 @@
+"""SynthTunnel's agent: one lease's WebSocket to the relay, forwarding requests to the app.
+
+``LeaseAgent.connect()`` opens the WebSocket and ATTACHes; ``start()`` runs the receive loop
+as a task that reconnects (0.25, 0.5, 1, 2, 4, then every 5 s) until ``close()``. Each
+request is a task (``synthtunnel_forward``); ``max_inflight`` and CANCEL are enforced here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+
+from ..errors import TunnelError
+from .base import TunnelState
+from .synthtunnel_forward import ForwardedRequest
+from .synthtunnel_frames import (
+    AGENT_OVERLOADED,
+    BAD_REQUEST_FRAME,
+    MAX_MESSAGE_BYTES,
+    FrameError,
+    attach,
+    b64decode,
+    dumps,
+    loads,
+    resp_error,
+)
+from .synthtunnel_leases import Lease, scrub
+
+logger = logging.getLogger(__name__)
+
+ATTACH_ACK_TIMEOUT = 10.0
+#: Report DOWN after this long without a working connection.
+DOWN_AFTER = 30.0
+#: Statuses of a refused WebSocket handshake meaning the lease itself is gone.
+_LEASE_GONE = frozenset({401, 403, 404, 410})
+
+
+def backoff() -> Iterator[float]:
+    """Reconnect delays: 0.25, 0.5, 1, 2, 4, then 5 s forever."""
+    yield from (0.25, 0.5, 1.0, 2.0, 4.0)
+    while True:
+        yield 5.0
+
+
+class LeaseRejectedError(TunnelError):
+    """The relay refused the agent token (the lease expired or was deleted)."""
+
+
+def _problem_text(body: bytes | bytearray | None) -> str:
+    if not body:
+        return ""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return bytes(body[:300]).decode("utf-8", "replace")
+    if isinstance(data, dict):
+        parts = [f"{k}={data[k]!r:.300}" for k in ("code", "detail") if data.get(k)]
+        return ", ".join(parts)
+    return ""
+
+
+class LeaseAgent:
+    """Serves one lease over one WebSocket, reconnecting until closed."""
+
+    def __init__(
+        self,
+        lease: Lease,
+        *,
+        agent_id: str,
+        local_url: str,
+        local_host: str,
+        local_port: int,
+        api_key: str,
+        http: httpx.AsyncClient,
+        max_inflight: int,
+        ping_interval: float,
+        ping_timeout: float,
+        open_timeout: float,
+        use_proxy: bool,
+        on_state: Callable[[LeaseAgent, TunnelState, str | None], None],
+        on_event: Callable[[str], None],
+        on_lease_gone: Callable[[LeaseAgent], None],
+    ) -> None:
+        self.lease = lease
+        self.agent_id = agent_id
+        self.local_base = httpx.URL(local_url)
+        self.local_host = local_host
+        self.local_port = local_port
+        self.api_key = api_key
+        self.http = http
+        self.max_inflight = max_inflight
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.open_timeout = open_timeout
+        self.use_proxy = use_proxy
+        self.on_state = on_state
+        self.on_event = on_event
+        self.on_lease_gone = on_lease_gone
+        #: Seconds each reconnect took, from the drop to the new ATTACH_ACK.
+        self.reconnect_durations: list[float] = []
+        self.inflight: dict[str, ForwardedRequest] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._ws: ClientConnection | None = None
+        self._run_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._draining = False
+
+    def __repr__(self) -> str:
+        return f"LeaseAgent({self.lease!r}, inflight={len(self.inflight)})"
+
+    def _secrets(self) -> tuple[str | None, ...]:
+        return (self.lease.agent_token, self.lease.worker_token, self.api_key)
+
+    # -- connection -------------------------------------------------------------------
+
+    async def connect(self) -> ClientConnection:
+        """Open the WebSocket, send ATTACH, wait for ATTACH_ACK. TunnelError on failure."""
+        where = f"SynthTunnel relay {self.lease.agent_url!r}"
+        try:
+            ws = await connect(
+                self.lease.agent_url,
+                additional_headers={"Authorization": f"Bearer {self.lease.agent_token}"},
+                max_size=MAX_MESSAGE_BYTES,
+                ping_interval=self.ping_interval,
+                ping_timeout=self.ping_timeout,
+                open_timeout=self.open_timeout,
+                close_timeout=1.0,
+                proxy=True if self.use_proxy else None,
+            )
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            problem = _problem_text(exc.response.body)
+            message = f"{where} refused the agent: HTTP {status}" + (
+                f" ({problem})" if problem else ""
+            )
+            error_cls = LeaseRejectedError if status in _LEASE_GONE else TunnelError
+            raise error_cls(scrub(message, self._secrets())) from None
+        except (OSError, TimeoutError, WebSocketException, ImportError) as exc:
+            # ImportError: a SOCKS proxy in the environment without python-socks installed.
+            message = f"Could not connect to {where}: {type(exc).__name__}: {exc}"
+            raise TunnelError(scrub(message, self._secrets())) from None
+        try:
+            frame = attach(
+                self.agent_id,
+                [(self.lease.lease_id, self.local_host, self.local_port)],
+                self.max_inflight,
+            )
+            await ws.send(dumps(frame))
+            async with asyncio.timeout(ATTACH_ACK_TIMEOUT):
+                ack = await ws.recv()
+            try:
+                reply = loads(ack)
+            except FrameError:
+                reply = {"type": None}
+            if reply.get("type") != "ATTACH_ACK":
+                detail = reply.get("detail") or reply.get("message") or ""
+                raise TunnelError(
+                    scrub(
+                        f"{where} answered ATTACH with {reply.get('type')!r} instead of ATTACH_ACK"
+                        + (f": {detail!r:.300}" if detail else ""),
+                        self._secrets(),
+                    )
+                )
+        except TimeoutError:
+            await ws.close()
+            raise TunnelError(
+                f"{where} did not acknowledge ATTACH within {ATTACH_ACK_TIMEOUT:g}s."
+            ) from None
+        except ConnectionClosed as exc:
+            await ws.close()
+            raise TunnelError(
+                scrub(f"{where} closed the connection during ATTACH: {exc}", self._secrets())
+            ) from None
+        except BaseException:
+            await ws.close()
+            raise
+        logger.info("SynthTunnel agent attached lease %s", self.lease.lease_id)
+        return ws
+
+    def start(self, ws: ClientConnection) -> None:
+        """Serve ``ws`` (from :meth:`connect`) in a background task on the running loop."""
+        self._run_task = asyncio.get_running_loop().create_task(
+            self._run(ws), name=f"synthtunnel-agent-{self.lease.lease_id}"
+        )
+
+    async def _run(self, ws: ClientConnection | None) -> None:
+        while ws is not None:
+            self._ws = ws
+            try:
+                await self._serve(ws)
+                reason = f"closed by the relay (code {ws.close_code}, {ws.close_reason!r})"
+            except ConnectionClosed as exc:
+                reason = f"dropped ({exc})"
+            except Exception as exc:  # noqa: BLE001 - keep serving whatever happened
+                logger.exception("SynthTunnel receive loop failed")
+                reason = f"receive loop error {exc!r}"
+                await ws.close()
+            finally:
+                self._abort_inflight()
+            if self._closing or self._draining:
+                return
+            ws = await self._reconnect(reason)
+
+    async def _reconnect(self, reason: str) -> ClientConnection | None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self.on_event(f"SynthTunnel connection {reason}; reconnecting")
+        self.on_state(self, TunnelState.RECONNECTING, f"connection {reason}")
+        reported_down = False
+        for attempt, delay in enumerate(backoff(), start=1):
+            await asyncio.sleep(delay)
+            if self._closing or self._draining:
+                return None
+            try:
+                ws = await self.connect()
+            except TunnelError as exc:
+                level = logging.INFO if attempt <= 5 or attempt % 12 == 0 else logging.DEBUG
+                logger.log(level, "SynthTunnel reconnect attempt %d failed: %s", attempt, exc)
+                down = loop.time() - started >= DOWN_AFTER
+                self.on_state(
+                    self, TunnelState.DOWN if down else TunnelState.RECONNECTING, str(exc)
+                )
+                if down and not reported_down:
+                    reported_down = True
+                    self.on_event(
+                        f"SynthTunnel down for {loop.time() - started:.0f}s ({exc}); "
+                        "still retrying every 5s"
+                    )
+                if isinstance(exc, LeaseRejectedError):
+                    self.on_lease_gone(self)
+                continue
+            took = loop.time() - started
+            self.reconnect_durations.append(took)
+            self.on_event(f"SynthTunnel reconnected after {took:.2f}s (attempt {attempt})")
+            self.on_state(self, TunnelState.CONNECTED, None)
+            return ws
+        return None  # pragma: no cover - backoff() never ends
+
+    async def drain(self, timeout: float) -> None:
+        """Stop reconnecting; wait (at most ``timeout``) for in-flight requests to finish."""
+        self._draining = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+
+    async def close(self) -> None:
+        """Abort requests, stop the receive loop, close the WebSocket. Never raises."""
+        self._closing = True
+        tasks = [req.task for req in self.inflight.values() if req.task is not None]
+        self._abort_inflight()
+        if self._run_task is not None:
+            self._run_task.cancel()
+            tasks.append(self._run_task)
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await self._ws.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- frames -----------------------------------------------------------------------
+
+    async def _send(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
+        await ws.send(dumps(frame))
+
+    async def _serve(self, ws: ClientConnection) -> None:
+        async for message in ws:
+            try:
+                frame = loads(message)
+            except FrameError as exc:
+                logger.debug("SynthTunnel: skipping message (%s)", exc)
+                continue
+            kind = frame["type"]
+            logger.debug("SynthTunnel frame %s rid=%r", kind, frame.get("rid"))
+            if kind == "REQ_HEADERS":
+                await self._on_headers(ws, frame)
+            elif kind in ("REQ_BODY", "REQ_END", "CANCEL"):
+                await self._on_request_frame(ws, kind, frame)
+            else:
+                logger.debug("SynthTunnel: skipping unknown frame type %r", kind)
+
+    async def _on_headers(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
+        lease_id, rid = frame.get("lease_id"), frame.get("rid")
+        if not isinstance(lease_id, str) or not lease_id or not isinstance(rid, str) or not rid:
+            logger.debug("SynthTunnel: dropping REQ_HEADERS without lease_id/rid")
+            return
+        if rid in self.inflight:
+            logger.debug("SynthTunnel: dropping REQ_HEADERS for in-flight rid %r", rid)
+            return
+        if len(self.inflight) >= self.max_inflight:
+            message = f"agent has {len(self.inflight)} requests in flight (max_inflight)"
+            await self._send(ws, resp_error(lease_id, rid, AGENT_OVERLOADED, message))
+            return
+        try:
+            request = ForwardedRequest.from_frame(
+                frame, lease_id=lease_id, rid=rid, local=self.local_base, api_key=self.api_key
+            )
+        except FrameError as exc:
+            await self._send(ws, resp_error(lease_id, rid, BAD_REQUEST_FRAME, str(exc)))
+            return
+        self.inflight[rid] = request
+        self._idle.clear()
+        request.task = asyncio.get_running_loop().create_task(self._forward(ws, request))
+
+    async def _on_request_frame(
+        self, ws: ClientConnection, kind: str, frame: dict[str, Any]
+    ) -> None:
+        rid = frame.get("rid")
+        request = self.inflight.get(rid) if isinstance(rid, str) else None
+        if request is None:
+            logger.debug("SynthTunnel: dropping %s for unknown rid %r", kind, rid)
+            return
+        if kind == "CANCEL":
+            self._finish(request)
+            logger.debug("SynthTunnel: request %s cancelled by the relay", request.rid)
+            return
+        try:
+            if kind == "REQ_BODY":
+                request.feed(b64decode(frame.get("chunk_b64")))
+            else:
+                request.end()
+        except FrameError as exc:
+            self._finish(request)
+            await self._send(
+                ws, resp_error(request.lease_id, request.rid, BAD_REQUEST_FRAME, f"{kind}: {exc}")
+            )
+
+    def _finish(self, request: ForwardedRequest) -> None:
+        """Forget ``request`` and abort its local call; nothing more is sent for it."""
+        if self.inflight.get(request.rid) is request:
+            del self.inflight[request.rid]
+        if not self.inflight:
+            self._idle.set()
+        if request.task is not None and request.task is not asyncio.current_task():
+            request.task.cancel()
+
+    def _abort_inflight(self) -> None:
+        for request in list(self.inflight.values()):
+            self._finish(request)
+
+    async def _forward(self, ws: ClientConnection, request: ForwardedRequest) -> None:
+        configured = self.lease.limits.get("max_response_bytes")
+        limit = configured if isinstance(configured, int) and configured > 0 else None
+        try:
+            await request.run(self.http, functools.partial(self._send, ws), limit)
+        finally:
+            self._finish(request)
