@@ -22,7 +22,8 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .contract import TaskAppConfig, create_task_app
+    from .contract import create_task_app
+    from .models import TaskAppConfig
     from .jobs import run_in_process_job
     from .runner import AppState, InProcessTaskApp
 
@@ -51,7 +52,7 @@ __all__ = [
 _LAZY = {
     "AppState": "taskapp_notebook.runner",
     "InProcessTaskApp": "taskapp_notebook.runner",
-    "TaskAppConfig": "taskapp_notebook.contract",
+    "TaskAppConfig": "taskapp_notebook.models",
     "create_task_app": "taskapp_notebook.contract",
     "run_in_process_job": "taskapp_notebook.jobs",
     "stop_all": "taskapp_notebook.registry",
