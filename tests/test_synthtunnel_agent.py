@@ -154,8 +154,10 @@ class SynthTunnelTestRelay:
         #: (status, problem) the lease API answers POSTs with, when set.
         self.lease_problem: tuple[int, dict[str, Any]] | None = None
         self.ack: dict[str, Any] = {"type": "ATTACH_ACK", "agent_id": "relay"}
-        #: Answer POSTs with the existing lease (extended) instead of a new one.
-        self.same_lease = False
+        #: Honour ``renew_lease_id`` (extend in place), as our relay does.
+        self.supports_renew = False
+        #: Answer 422 to bodies with fields beyond the protocol's (a strict relay).
+        self.strict = False
         self._count = 0
         self._api: tuple[uvicorn.Server, asyncio.Task[None], socket.socket] | None = None
         self._ws_server: Server | None = None
@@ -209,18 +211,28 @@ class SynthTunnelTestRelay:
 
         @api.post("/api/v1/synthtunnel/leases")
         async def create(request: Request) -> Response:
-            self.lease_requests.append((dict(request.headers), await request.json()))
+            body = await request.json()
+            self.lease_requests.append((dict(request.headers), body))
             if self.lease_problem is not None:
                 status, problem = self.lease_problem
                 return JSONResponse(problem, status_code=status)
+            extra = set(body) - {
+                "client_instance_id",
+                "local_target",
+                "requested_ttl_seconds",
+                "metadata",
+                "capabilities",
+            }
+            if self.strict and extra:
+                return JSONResponse({"detail": f"extra fields {sorted(extra)}"}, 422)
             ttl = self.ttls.pop(0) if self.ttls else 3600.0
-            if self.same_lease and self.leases:
-                lease = next(iter(self.leases.values()))
+            renew = body.get("renew_lease_id")
+            if self.supports_renew and renew in self.leases:
+                lease = self.leases[renew]
                 expires = datetime.now(UTC) + timedelta(seconds=ttl)
                 lease["expires_at"] = expires.isoformat().replace("+00:00", "Z")
-            else:
-                lease = self._new_lease(ttl)
-            return JSONResponse(lease, status_code=201)
+                return JSONResponse(lease, status_code=200)
+            return JSONResponse(self._new_lease(ttl), status_code=201)
 
         @api.delete("/api/v1/synthtunnel/leases/{lease_id}")
         async def delete(lease_id: str, request: Request) -> Response:
@@ -742,7 +754,8 @@ async def test_renewal_with_a_short_ttl(
         first_url, first_token = st.url, st.worker_token
         await wait_until(lambda: st.lease is not None and st.lease.lease_id == "lease_2")
         assert len(relay.lease_requests) == 2
-        assert relay.lease_requests[0][1] == relay.lease_requests[1][1]
+        first_body = relay.lease_requests[0][1]
+        assert relay.lease_requests[1][1] == {**first_body, "renew_lease_id": "lease_1"}
         assert st.url == relay.leases["lease_2"]["public_url"] != first_url
         assert st.worker_token == relay.leases["lease_2"]["worker_token"] != first_token
         await wait_until(
@@ -759,18 +772,37 @@ async def test_renewal_with_a_short_ttl(
     assert relay.leases == {}
 
 
-async def test_renewal_that_returns_the_same_lease_extends_it(
+async def test_renewal_extends_in_place_on_a_relay_that_supports_it(
     relay: SynthTunnelTestRelay, ctx: TunnelContext, events: list[str]
 ) -> None:
-    relay.ttls = [1.5]
-    relay.same_lease = True
+    relay.ttls = [1.5, 3600.0]
+    relay.supports_renew = True
     st = SynthTunnel()
     await st.open(ctx)
     try:
-        url = st.url
-        await wait_until(lambda: len(relay.lease_requests) == 2)
+        url, first_expiry = st.url, relay.leases["lease_1"]["expires_at"]
         await wait_until(lambda: any("extended" in e for e in events))
-        assert st.url == url and len(relay.connections) == 1 and relay.deletes == []
+        assert relay.lease_requests[1][1]["renew_lease_id"] == "lease_1"
+        assert st.url == url and st.lease is not None and st.lease.lease_id == "lease_1"
+        assert relay.leases["lease_1"]["expires_at"] != first_expiry
+        assert len(relay.connections) == 1 and relay.deletes == []
+    finally:
+        await st.close()
+    assert [lease_id for lease_id, _ in relay.deletes] == ["lease_1"]
+
+
+async def test_renewal_on_a_strict_relay_drops_the_renew_field(
+    relay: SynthTunnelTestRelay, ctx: TunnelContext
+) -> None:
+    relay.ttls = [1.5]
+    relay.strict = True
+    st = SynthTunnel(drain_timeout=0.5)
+    await st.open(ctx)
+    try:
+        await wait_until(lambda: st.lease is not None and st.lease.lease_id == "lease_2")
+        bodies = [body for _, body in relay.lease_requests]
+        assert [b.get("renew_lease_id") for b in bodies] == [None, "lease_1", None]
+        assert st.status.state is TunnelState.CONNECTED
     finally:
         await st.close()
 

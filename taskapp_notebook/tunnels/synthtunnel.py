@@ -4,11 +4,13 @@ Lifecycle of :class:`SynthTunnel` (protocol: ``/work/shared/design/synthtunnel-p
 
 - ``preflight`` reads ``SYNTH_API_KEY`` / ``SYNTH_BACKEND_URL`` / ``SYNTH_TUNNEL_TIMEOUT_SEC``.
 - ``open`` POSTs a lease, connects its agent (``synthtunnel_agent``) and ATTACHes.
-- A renewal task obtains a new lease at 80 % of the TTL (or at once when the relay refuses
-  the agent token), attaches it, switches ``url``/``worker_token`` to it, lets the old lease
-  finish its in-flight requests (at most ``drain_timeout``) and DELETEs it. Synth's hosted
-  API has only POST and DELETE, so a renewal may change the public URL; that is reported
-  through ``ctx.on_event``. A relay that returns the same ``lease_id`` extends in place.
+- A renewal task POSTs again at 80 % of the TTL (or at once when the relay refuses the
+  agent token), with ``renew_lease_id`` (our relay then extends the same lease: same
+  ``lease_id`` and URL, nothing else to do; the field is dropped if a relay answers 400/422
+  to it). A different ``lease_id`` (Synth's hosted API has only POST and DELETE) is
+  attached, ``url``/``worker_token`` switch to it, the old lease finishes its in-flight
+  requests (at most ``drain_timeout``) and is DELETEd; a URL change is reported through
+  ``ctx.on_event``.
 - ``close`` stops everything and awaits the DELETE of every lease it holds.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -29,6 +32,7 @@ from .synthtunnel_leases import (
     DEFAULT_TTL_SECONDS,
     Lease,
     LeaseClient,
+    LeaseRequestError,
     LeaseSettings,
     client_instance_id,
     is_loopback_url,
@@ -80,6 +84,8 @@ class SynthTunnel:
         self._tasks: set[asyncio.Task[None]] = set()
         self._lease_gone = asyncio.Event()
         self._opened = False
+        #: Send ``renew_lease_id`` when renewing (dropped if a relay rejects the field).
+        self._send_renew_id = True
         self._closing: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -226,12 +232,23 @@ class SynthTunnel:
         """Obtain a new lease, attach it, publish it, retire the old one."""
         assert self._agent is not None and self._leases is not None and self._ctx is not None
         old = self._agent
-        lease = await self._leases.create(
+        request = functools.partial(
+            self._leases.create,
             client_id=client_instance_id(),
             host=self._local_host(),
             port=self._ctx.local_port,
             ttl_seconds=self.requested_ttl_seconds,
         )
+        if self._send_renew_id:
+            try:
+                lease = await request(renew_lease_id=old.lease.lease_id)
+            except LeaseRequestError as exc:
+                if exc.status not in (400, 422):
+                    raise
+                self._send_renew_id = False  # a strict relay that rejects the extra field
+                lease = await request()
+        else:
+            lease = await request()
         if lease.lease_id == old.lease.lease_id:
             old.lease = lease
             self._install(old)

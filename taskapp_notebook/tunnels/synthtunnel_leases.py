@@ -268,6 +268,14 @@ def _hint(status: int, problem: str) -> str:
     return ""
 
 
+class LeaseRequestError(TunnelError):
+    """The relay answered a lease call with an error status (``status``)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class LeaseClient:
     """Creates and deletes leases on ``settings.backend_url``."""
 
@@ -294,16 +302,23 @@ class LeaseClient:
         host: str,
         port: int,
         ttl_seconds: int = DEFAULT_TTL_SECONDS,
+        renew_lease_id: str | None = None,
     ) -> Lease:
-        """``POST`` a lease request; TunnelError quoting the relay's problem on failure."""
+        """``POST`` a lease request; TunnelError quoting the relay's problem on failure.
+
+        ``renew_lease_id`` asks a relay that supports it (ours) to extend that lease in
+        place; others ignore it and create a new lease (compare ``lease_id``).
+        """
         url = self.settings.backend_url + LEASES_PATH
-        body = {
+        body: dict[str, Any] = {
             "client_instance_id": client_id,
             "local_target": {"host": host, "port": port},
             "requested_ttl_seconds": ttl_seconds,
             "metadata": {},
             "capabilities": {},
         }
+        if renew_lease_id:
+            body["renew_lease_id"] = renew_lease_id
         action = f"SynthTunnel lease request to {url!r} failed"
         try:
             async with self._client() as client:
@@ -322,7 +337,8 @@ class LeaseClient:
             ) from None
         if response.status_code >= 400:
             problem = describe_problem(response)
-            raise self._error(action, problem + "." + _hint(response.status_code, problem))
+            message = f"{action}: {problem}.{_hint(response.status_code, problem)}"
+            raise LeaseRequestError(scrub(message, (self.settings.api_key,)), response.status_code)
         try:
             data = response.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -333,7 +349,7 @@ class LeaseClient:
             lease = parse_lease(data, response.headers.get("date"))
         except TunnelError:
             lease_id = data.get("lease_id") if isinstance(data, dict) else None
-            if isinstance(lease_id, str) and lease_id:
+            if isinstance(lease_id, str) and lease_id and lease_id != renew_lease_id:
                 await self.delete(lease_id, quiet=True)
             raise
         logger.info("SynthTunnel lease %s obtained (expires %s)", lease.lease_id, lease.expires_at)
