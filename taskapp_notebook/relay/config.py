@@ -1,0 +1,60 @@
+"""Relay settings: limits and timers, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .frames import MAX_MESSAGE_BYTES
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """Limits and timers of a relay. Every value is in seconds or bytes."""
+
+    #: Concurrent requests per lease; more get 429 (also capped by the agent's own value).
+    max_inflight: int = 128
+    #: Largest response body the relay streams to a caller; past it the response is cut.
+    max_response_bytes: int = 200 * 1024 * 1024
+    #: Response bytes buffered for one slow caller before its request is cancelled.
+    max_buffered_bytes: int = 32 * 1024 * 1024
+    #: Lease lifetime when the POST asks for none, and the cap on what it may ask for.
+    default_ttl: float = 3600.0
+    max_ttl: float = 24 * 3600.0
+    #: Deadline of one proxied request (sent to the agent as ``deadline_ms``); then 504.
+    request_timeout: float = 600.0
+    #: Time an agent has to send ATTACH after its WebSocket opens.
+    attach_timeout: float = 10.0
+    #: WebSocket pings to attached agents (only after ATTACH_ACK); None disables them.
+    ping_interval: float | None = 20.0
+    ping_timeout: float | None = 20.0
+    #: Largest WebSocket message accepted from an agent.
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    #: How often expired leases are swept (their agents detached).
+    sweep_interval: float = 0.5
+
+    def __post_init__(self) -> None:
+        positive = {
+            "max_inflight": self.max_inflight,
+            "max_response_bytes": self.max_response_bytes,
+            "max_buffered_bytes": self.max_buffered_bytes,
+            "default_ttl": self.default_ttl,
+            "max_ttl": self.max_ttl,
+            "request_timeout": self.request_timeout,
+            "attach_timeout": self.attach_timeout,
+            "max_message_bytes": self.max_message_bytes,
+            "sweep_interval": self.sweep_interval,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"RelayConfig.{name} must be > 0, got {value!r}.")
+        for name, opt in (
+            ("ping_interval", self.ping_interval),
+            ("ping_timeout", self.ping_timeout),
+        ):
+            if opt is not None and not opt > 0:
+                raise ValueError(f"RelayConfig.{name} must be > 0 or None, got {opt!r}.")
+        if self.default_ttl > self.max_ttl:
+            raise ValueError(
+                f"RelayConfig.default_ttl ({self.default_ttl!r}) exceeds max_ttl "
+                f"({self.max_ttl!r}); raise max_ttl or lower default_ttl."
+            )

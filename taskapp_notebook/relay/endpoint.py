@@ -1,0 +1,228 @@
+"""The agent WebSocket endpoint: websockets' connection, plugged into uvicorn's port.
+
+uvicorn hands every WebSocket upgrade to the protocol class it is configured with
+(``uvicorn.Config(ws=...)``). Ours is a websockets :class:`ServerConnection`, so the agent
+endpoint runs on the websockets API, which lets the relay decide when pings start: right
+after ATTACH_ACK, never before (the SDK's agent fails if anything but ATTACH_ACK comes
+first). The HTTP side (lease API, public route) stays a plain ASGI app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from ..errors import mask_secret
+from .agents import AgentGoneError, AgentSession
+from .frames import Attach, FrameError, encode_attach_ack, parse_agent_frame
+from .leases import Lease, iso_z
+from .problems import bearer, new_request_id, problem_body
+from .state import AGENT_PATH, CLOSE_LEASE_GONE, RelayState
+
+logger = logging.getLogger(__name__)
+
+#: Time allowed for the WebSocket opening handshake.
+OPEN_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 5.0
+
+
+class AgentConnection(ServerConnection):
+    """A websockets server connection that remembers the lease its token opened."""
+
+    lease: Lease | None = None
+
+
+class _AgentServer(Server):
+    """A websockets ``Server`` without a listener of its own: uvicorn owns the socket."""
+
+    def __init__(self, endpoint: AgentEndpoint) -> None:
+        super().__init__(self._no_listener, endpoint.run_connection)
+        self.accepting = True
+
+    @staticmethod
+    async def _no_listener() -> asyncio.Server:
+        raise RuntimeError("the agent endpoint shares uvicorn's listener")
+
+    def is_serving(self) -> bool:
+        return self.accepting
+
+
+class AgentEndpoint:
+    """Authenticates agent sockets, handles ATTACH, and runs each socket's reader."""
+
+    def __init__(self, state: RelayState) -> None:
+        self.state = state
+        self.server = _AgentServer(self)
+        self.protocol_class = self._protocol_class()
+
+    def _protocol_class(self) -> type[AgentConnection]:
+        server, cfg = self.server, self.state.config
+
+        class UvicornAgentConnection(AgentConnection):
+            def __init__(self, **_uvicorn_kwargs: Any) -> None:
+                super().__init__(
+                    ServerProtocol(max_size=cfg.max_message_bytes),
+                    server,
+                    ping_interval=cfg.ping_interval,
+                    ping_timeout=cfg.ping_timeout,
+                    close_timeout=CLOSE_TIMEOUT,
+                )
+
+        return UvicornAgentConnection
+
+    @staticmethod
+    def _reject(status: int, code: str, detail: str) -> Response:
+        body = problem_body(code, detail, new_request_id())
+        headers = Headers(
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(body))),
+                ("Connection", "close"),
+            ]
+        )
+        return Response(status, http.HTTPStatus(status).phrase, headers, body)
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Check path and agent token before the WebSocket opens."""
+        if request.path.partition("?")[0] != AGENT_PATH:
+            return self._reject(
+                404, "not_found", f"no WebSocket endpoint here; agents use {AGENT_PATH}"
+            )
+        if not self.server.accepting:
+            return self._reject(503, "relay_closing", "the relay is shutting down")
+        values = request.headers.get_all("Authorization")
+        token = bearer(values[0] if values else None)
+        if token is None:
+            return self._reject(
+                401, "agent_token_required", "send Authorization: Bearer <agent_token>"
+            )
+        lease = self.state.store.by_agent_token(token)
+        if lease is None:
+            logger.info("Agent connection refused: unknown agent token %s", mask_secret(token))
+            ended = self.state.store.tombstone(token)
+            if ended:
+                return self._reject(410, ended, "this agent token's lease has ended")
+            return self._reject(401, "agent_token_invalid", "unknown agent token")
+        if lease.expired():
+            return self._reject(410, "lease_expired", "this agent token's lease has expired")
+        assert isinstance(connection, AgentConnection)
+        connection.lease = lease
+        return None
+
+    async def run_connection(self, connection: ServerConnection) -> None:
+        """Lifecycle of one agent socket (mirrors websockets' own ``serve`` handler)."""
+        try:
+            async with asyncio.timeout(OPEN_TIMEOUT):
+                await connection.handshake(self.process_request)
+            if connection.protocol.state is not State.OPEN:
+                connection.transport.abort()
+                return
+            self.server.all_connections.add(connection)
+            try:
+                async with connection:
+                    assert isinstance(connection, AgentConnection)
+                    await self._serve(connection)
+            except Exception:
+                logger.exception("Agent connection handler failed")
+            finally:
+                self.server.all_connections.discard(connection)
+        except Exception:
+            connection.transport.abort()
+        finally:
+            task = asyncio.current_task()
+            if task is not None:
+                self.server.handler_tasks.discard(task)
+
+    async def _serve(self, connection: AgentConnection) -> None:
+        lease = connection.lease
+        assert lease is not None
+        timeout = self.state.config.attach_timeout
+        try:
+            message = await asyncio.wait_for(connection.recv(), timeout)
+        except TimeoutError:
+            logger.warning(
+                "Agent for lease %s sent no ATTACH within %.0fs; closing", lease.lease_id, timeout
+            )
+            await connection.close(1008, "ATTACH expected")
+            return
+        except ConnectionClosed:
+            return
+        try:
+            first = parse_agent_frame(message)
+        except FrameError as exc:
+            first, why = None, exc.reason
+        else:
+            why = f"a {type(first).__name__} frame"
+        if not isinstance(first, Attach):
+            logger.warning("Agent for lease %s sent %s before ATTACH; closing", lease.lease_id, why)
+            await connection.close(1008, "first frame must be ATTACH")
+            return
+        if self.state.store.get(lease.lease_id) is not lease:
+            await connection.close(CLOSE_LEASE_GONE, "lease_expired")
+            return
+        session = AgentSession(
+            connection,
+            first.agent_id,
+            first.capabilities,
+            max_buffered=self.state.config.max_buffered_bytes,
+        )
+        try:
+            await session.send(self._attach(session, lease, first))
+        except AgentGoneError:
+            self.state.detach(session, "closed during ATTACH")
+            return
+        # Pings start only now: nothing may reach the agent before ATTACH_ACK.
+        connection.start_keepalive()
+        logger.info("%s attached to lease %s", session.label, lease.lease_id)
+        reason = "agent closed the connection"
+        try:
+            async for message in connection:
+                attach = session.handle(message)
+                if attach is not None and self.state.store.get(lease.lease_id) is lease:
+                    await session.send(self._attach(session, lease, attach))
+        except ConnectionClosedError as exc:
+            reason = f"connection lost ({exc})"
+        except AgentGoneError as exc:
+            reason = f"connection lost ({exc})"
+        finally:
+            self.state.detach(session, reason)
+
+    def _attach(self, session: AgentSession, lease: Lease, frame: Attach) -> str:
+        listed = set(frame.lease_ids)
+        if listed and lease.lease_id not in listed:
+            logger.warning(
+                "%s: ATTACH does not list lease %s, which its token opened; attaching it anyway",
+                session.label,
+                lease.lease_id,
+            )
+        if listed - {lease.lease_id}:
+            logger.warning(
+                "%s: ignoring %d ATTACH lease(s) its token does not cover",
+                session.label,
+                len(listed - {lease.lease_id}),
+            )
+        self.state.attach(session, lease)
+        return encode_attach_ack(
+            frame.agent_id,
+            [{"lease_id": lease.lease_id, "expires_at": iso_z(lease.expires_at)}],
+        )
+
+    async def aclose(self) -> None:
+        """Refuse new sockets, close the open ones (1001), wait for their handlers."""
+        self.server.accepting = False
+        for connection in list(self.server.all_connections):
+            self.state.spawn(connection.close(1001, "relay shutting down"))
+        tasks = list(self.server.handler_tasks)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT + 1)
+            for task in pending:
+                task.cancel()
