@@ -26,7 +26,7 @@ from relay_agent import RelayTestAgent, TaskApp, attach_raw, next_frame, serve_a
 from websockets.asyncio.client import connect
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import Opcode
+from websockets.frames import Close, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
@@ -388,9 +388,12 @@ async def test_agent_drop_and_resp_error_give_502_or_abort(
     assert r.status_code == 200
 
 
-async def test_malformed_frames_are_survived(
-    relay: RelayServer, client: httpx.AsyncClient, app_url: str
-):
+async def test_malformed_frames_are_survived(client: httpx.AsyncClient, app_url: str):
+    async with RelayServer(api_keys=[KEY], config=RelayConfig(attach_timeout=0.5)) as relay:
+        await _malformed_frames(relay, client, app_url)
+
+
+async def _malformed_frames(relay: RelayServer, client: httpx.AsyncClient, app_url: str) -> None:
     bad_lease, good_lease = await new_lease(client, relay), await new_lease(client, relay)
     bad = await attach_raw(bad_lease)
     try:
@@ -425,11 +428,14 @@ async def test_malformed_frames_are_survived(
     finally:
         await bad.close()
 
-    # An agent whose first frame is not ATTACH is closed (policy violation) — only it.
+    # Before ATTACH, junk is skipped too; a socket that never ATTACHes is closed (1008).
     token = good_lease["agent_connect"]["agent_token"]
-    async with connect(
-        good_lease["agent_connect"]["url"], additional_headers={"Authorization": f"Bearer {token}"}
-    ) as ws:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with connect(good_lease["agent_connect"]["url"], additional_headers=headers) as ws:
+        await ws.send("hello")
+        await ws.send(json.dumps({"type": "ATTACH", "agent_id": "late", "leases": []}))
+        assert json.loads(await ws.recv())["type"] == "ATTACH_ACK"
+    async with connect(good_lease["agent_connect"]["url"], additional_headers=headers) as ws:
         await ws.send("hello")
         with pytest.raises(ConnectionClosed) as closed:
             await ws.recv()
@@ -491,6 +497,8 @@ async def test_no_ping_before_attach_ack_then_pings_and_drops_silent_agent(
             assert time.monotonic() < deadline
             frames += await events(1)
         assert Opcode.PING in {f.opcode for f in frames}
+        closes = [Close.parse(f.data) for f in frames if f.opcode is Opcode.CLOSE]
+        assert [c.code for c in closes] == [1011]  # keepalive ping timeout
         writer.close()
         await writer.wait_closed()
 

@@ -109,7 +109,7 @@ async def _serve(relay: RelayServer) -> int:
     try:
         await relay.start()
         print(
-            f"taskapp-relay serving on {relay.local_url} — SYNTH_BACKEND_URL={relay.url}",
+            f"taskapp-relay serving on {relay.local_url} - SYNTH_BACKEND_URL={relay.url}",
             flush=True,
         )
         await stop.wait()

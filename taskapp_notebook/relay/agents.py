@@ -134,6 +134,7 @@ class AgentSession:
         )
         self.malformed = 0
         self.closing = False
+        self.detached = False
         addr = conn.remote_address
         peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2 else "?"
         self.label = f"agent {agent_id or '<no id>'!r} from {peer}"

@@ -22,7 +22,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from ..errors import mask_secret
-from .agents import AgentGoneError, AgentSession
+from .agents import WARN_MALFORMED, AgentGoneError, AgentSession
 from .frames import Attach, FrameError, encode_attach_ack, parse_agent_frame
 from .leases import Lease, iso_z
 from .problems import bearer, new_request_id, problem_body
@@ -145,26 +145,8 @@ class AgentEndpoint:
     async def _serve(self, connection: AgentConnection) -> None:
         lease = connection.lease
         assert lease is not None
-        timeout = self.state.config.attach_timeout
-        try:
-            message = await asyncio.wait_for(connection.recv(), timeout)
-        except TimeoutError:
-            logger.warning(
-                "Agent for lease %s sent no ATTACH within %.0fs; closing", lease.lease_id, timeout
-            )
-            await connection.close(1008, "ATTACH expected")
-            return
-        except ConnectionClosed:
-            return
-        try:
-            first = parse_agent_frame(message)
-        except FrameError as exc:
-            first, why = None, exc.reason
-        else:
-            why = f"a {type(first).__name__} frame"
-        if not isinstance(first, Attach):
-            logger.warning("Agent for lease %s sent %s before ATTACH; closing", lease.lease_id, why)
-            await connection.close(1008, "first frame must be ATTACH")
+        first = await self._await_attach(connection, lease)
+        if first is None:
             return
         if self.state.store.get(lease.lease_id) is not lease:
             await connection.close(CLOSE_LEASE_GONE, "lease_expired")
@@ -195,6 +177,40 @@ class AgentEndpoint:
             reason = f"connection lost ({exc})"
         finally:
             self.state.detach(session, reason)
+
+    async def _await_attach(self, connection: AgentConnection, lease: Lease) -> Attach | None:
+        """The agent's ATTACH. Other frames before it are skipped (malformed frames are never
+        fatal); a socket with no ATTACH within ``attach_timeout`` is closed with 1008."""
+        timeout = self.state.config.attach_timeout
+        skipped = 0
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    message = await connection.recv()
+                    try:
+                        frame = parse_agent_frame(message)
+                    except FrameError as exc:
+                        why = exc.reason
+                    else:
+                        if isinstance(frame, Attach):
+                            return frame
+                        why = f"a {type(frame).__name__} frame"
+                    skipped += 1
+                    level = logging.WARNING if skipped <= WARN_MALFORMED else logging.DEBUG
+                    logger.log(
+                        level,
+                        "Agent for lease %s sent %s before ATTACH; skipped",
+                        lease.lease_id,
+                        why,
+                    )
+        except TimeoutError:
+            logger.warning(
+                "Agent for lease %s sent no ATTACH within %gs; closing", lease.lease_id, timeout
+            )
+            await connection.close(1008, "ATTACH expected")
+        except ConnectionClosed:
+            pass
+        return None
 
     def _attach(self, session: AgentSession, lease: Lease, frame: Attach) -> str:
         listed = set(frame.lease_ids)

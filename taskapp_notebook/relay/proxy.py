@@ -181,6 +181,16 @@ async def _run(
     outcome = "aborted"
     pump: asyncio.Task[None] | None = None
 
+    async def stop_pump() -> None:
+        if pump is not None and not pump.done():
+            pump.cancel()
+            await asyncio.wait([pump])
+
+    async def cancel() -> None:
+        # The body pump stops first: nothing follows a CANCEL for this rid.
+        await stop_pump()
+        await _cancel(session, rid)
+
     async def fail(status: int, code: str, detail: str) -> None:
         # Before the headers: a problem response. After: abort (return unfinished).
         nonlocal outcome
@@ -225,7 +235,7 @@ async def _run(
                 elif isinstance(event, RespBody) and started:
                     sent_bytes += len(event.data)
                     if sent_bytes > cfg.max_response_bytes:
-                        await _cancel(session, rid)
+                        await cancel()
                         await fail(
                             502,
                             "response_too_large",
@@ -249,14 +259,19 @@ async def _run(
                     )
                     return
                 elif isinstance(event, AgentLost):
-                    await fail(502, "agent_disconnected", f"the agent went away ({event.reason})")
+                    code = (
+                        event.reason
+                        if event.reason.startswith("lease_")
+                        else ("agent_disconnected")
+                    )
+                    await fail(502, code, f"the agent went away ({event.reason})")
                     return
                 elif isinstance(event, CallerGone):
                     outcome = "caller_gone"
-                    await _cancel(session, rid)
+                    await cancel()
                     return
                 elif isinstance(event, Overflow):
-                    await _cancel(session, rid)
+                    await cancel()
                     await fail(
                         502,
                         "caller_too_slow",
@@ -269,20 +284,18 @@ async def _run(
                         if isinstance(event, BadFrame)
                         else (f"{type(event).__name__} out of order")
                     )
-                    await _cancel(session, rid)
+                    await cancel()
                     await fail(502, "bad_agent_response", f"the agent broke the protocol: {reason}")
                     return
     except TimeoutError:
         if not deadline.expired():
             raise
-        await _cancel(session, rid)
+        await cancel()
         await fail(
             504, "deadline_exceeded", f"no complete response within {cfg.request_timeout:g}s"
         )
     except AgentGoneError:
         await fail(502, "agent_disconnected", "the agent went away")
     finally:
-        if pump is not None:
-            pump.cancel()
-            await asyncio.wait([pump])
+        await stop_pump()
         logger.debug("Lease %s rid %s %s: %s", lease.lease_id, rid, method, outcome)

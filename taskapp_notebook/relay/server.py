@@ -60,6 +60,8 @@ class RelayServer:
         public_url: str | None = None,
         config: RelayConfig | None = None,
     ) -> None:
+        if isinstance(api_keys, str):
+            api_keys = [api_keys]
         keys = [secrets.token_urlsafe(32)] if api_keys is None else [k for k in api_keys if k]
         if not keys:
             raise ValueError(

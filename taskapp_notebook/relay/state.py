@@ -164,8 +164,10 @@ class RelayState:
         self.sessions.add(session)
 
     def detach(self, session: AgentSession, reason: str) -> None:
-        """Forget a session whose socket ended; its requests in flight fail."""
-        session.closing = True
+        """Forget a session whose socket ended; its requests in flight fail. Idempotent."""
+        if session.detached:
+            return
+        session.detached = session.closing = True
         self.sessions.discard(session)
         for lease_id in list(session.lease_ids):
             lease = self.store.get(lease_id)
