@@ -598,3 +598,23 @@ def test_exports_and_lazy_import() -> None:
     code = "import sys, taskapp_notebook; print('taskapp_notebook.relay' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+async def test_stop_closes_agents_and_fails_requests_in_flight(client: httpx.AsyncClient):
+    relay = RelayServer(api_keys=[KEY])
+    await relay.start()
+    port = relay.port
+    try:
+        lease = await new_lease(client, relay)
+        ws = await attach_raw(lease)
+        call = asyncio.create_task(client.get(lease["public_url"], headers=worker(lease)))
+        await next_frame(ws, "REQ_HEADERS")
+    finally:
+        await relay.stop()
+    r = await call
+    assert (r.status_code, r.json()["code"]) == (502, "agent_disconnected")
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            await ws.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    assert port_is_free(port) and not relay.running

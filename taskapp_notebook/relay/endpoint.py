@@ -62,6 +62,8 @@ class AgentEndpoint:
     def __init__(self, state: RelayState) -> None:
         self.state = state
         self.server = _AgentServer(self)
+        #: Every socket with a live handler, handshake included.
+        self._open: set[ServerConnection] = set()
         self.protocol_class = self._protocol_class()
 
     def _protocol_class(self) -> type[AgentConnection]:
@@ -120,6 +122,7 @@ class AgentEndpoint:
 
     async def run_connection(self, connection: ServerConnection) -> None:
         """Lifecycle of one agent socket (mirrors websockets' own ``serve`` handler)."""
+        self._open.add(connection)
         try:
             async with asyncio.timeout(OPEN_TIMEOUT):
                 await connection.handshake(self.process_request)
@@ -135,9 +138,13 @@ class AgentEndpoint:
                 logger.exception("Agent connection handler failed")
             finally:
                 self.server.all_connections.discard(connection)
-        except Exception:
+        except asyncio.CancelledError:
+            connection.transport.abort()
+            raise
+        except Exception:  # a failed handshake (timeout, bad request): drop the socket
             connection.transport.abort()
         finally:
+            self._open.discard(connection)
             task = asyncio.current_task()
             if task is not None:
                 self.server.handler_tasks.discard(task)
@@ -242,3 +249,7 @@ class AgentEndpoint:
             _, pending = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT + 1)
             for task in pending:
                 task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        for connection in list(self._open):  # nothing may outlive the relay
+            connection.transport.abort()

@@ -133,9 +133,11 @@ async def proxy(
 
 
 async def _cancel(session: AgentSession, rid: str) -> None:
+    """Send CANCEL unless the agent is gone (or too stuck to take it within 5 s)."""
     if session.usable:
-        with contextlib.suppress(AgentGoneError):
-            await session.send(encode_cancel(rid))
+        with contextlib.suppress(AgentGoneError, TimeoutError):
+            async with asyncio.timeout(5.0):
+                await session.send(encode_cancel(rid))
 
 
 async def _pump(session: AgentSession, exchange: Exchange, receive: Receive) -> None:
@@ -259,12 +261,9 @@ async def _run(
                     )
                     return
                 elif isinstance(event, AgentLost):
-                    code = (
-                        event.reason
-                        if event.reason.startswith("lease_")
-                        else ("agent_disconnected")
-                    )
-                    await fail(502, code, f"the agent went away ({event.reason})")
+                    lost = event.reason
+                    code = lost if lost.startswith("lease_") else "agent_disconnected"
+                    await fail(502, code, f"the agent went away ({lost})")
                     return
                 elif isinstance(event, CallerGone):
                     outcome = "caller_gone"
@@ -279,11 +278,10 @@ async def _run(
                     )
                     return
                 else:
-                    reason = (
-                        event.reason
-                        if isinstance(event, BadFrame)
-                        else (f"{type(event).__name__} out of order")
-                    )
+                    if isinstance(event, BadFrame):
+                        reason = event.reason
+                    else:
+                        reason = f"{type(event).__name__} out of order"
                     await cancel()
                     await fail(502, "bad_agent_response", f"the agent broke the protocol: {reason}")
                     return
