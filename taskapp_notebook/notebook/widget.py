@@ -265,16 +265,16 @@ class TaskAppView(traitlets.HasTraits):
                 tunnel_text += f" — last error: {tunnel.status.last_error}"
         health = monitor.last if monitor is not None and monitor.last else app.health
         health_text = "—"
-        if health is not None:
+        if health is not None and app.state is AppState.RUNNING:
             ago = max(0.0, time.time() - health.at)
             health_text = (f"{health.describe()} · {health.seconds * 1000:.1f} ms · "
                            f"{_duration(ago)} ago")
         uptime = app.uptime
         checks = monitor.checks if monitor is not None else 0
-        requests = f"{app.stats.count} requests"
+        requests = _count(app.stats.count, "request")
         if checks:
-            requests += f" (incl. {checks} health checks)"
-        requests += f" · {app.stats.errors} errors"
+            requests += f" (incl. {_count(checks, 'health check')})"
+        requests += f" · {_count(app.stats.errors, 'error')}"
         rows = [
             ("public URL", app.url or "—"),
             ("tunnel", tunnel_text),
@@ -292,12 +292,16 @@ class TaskAppView(traitlets.HasTraits):
     def _header_html(self) -> str:
         status = self._status()
         color = _COLORS.get(status, "#616161")
+        # the badge says the status; the text beside it adds the detail
+        detail = self._describe()
+        if detail.startswith(status):
+            detail = detail[len(status):].lstrip(" —")
         return (
             f'<div class="taskapp-header"><b>{_esc(self.app.name)}</b> '
             f'<span class="taskapp-badge" data-status="{_esc(status)}" '
             f'style="background:{color};color:white;border-radius:8px;padding:1px 8px">'
             f"{_esc(status)}</span> "
-            f'<span class="taskapp-describe">{_esc(self._redact(self._describe()))}</span></div>'
+            f'<span class="taskapp-describe">{_esc(self._redact(detail))}</span></div>'
         )
 
     def _info_html(self) -> str:
@@ -306,8 +310,9 @@ class TaskAppView(traitlets.HasTraits):
             if label == "public URL" and self.app.url:
                 url = _esc(self.app.url)
                 shown = (
-                    f'<a class="taskapp-url" href="{url}" target="_blank" '
-                    f'rel="noopener">{url}</a> <button class="taskapp-copy" '
+                    f'<a class="taskapp-url" href="{url}" target="_blank" rel="noopener" '
+                    f'style="color:#1565c0;text-decoration:underline">{url}</a> '
+                    f'<button class="taskapp-copy" '
                     f'data-url="{url}" title="Copy the URL" '
                     'onclick="navigator.clipboard.writeText(this.dataset.url)">Copy</button>'
                 )
@@ -345,6 +350,10 @@ class TaskAppView(traitlets.HasTraits):
 def _set(widget: Any, name: str, value: Any) -> None:
     if getattr(widget, name) != value:
         setattr(widget, name, value)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _esc(text: str) -> str:
