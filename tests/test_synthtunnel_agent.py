@@ -892,3 +892,75 @@ async def test_close_from_another_loop_deletes_the_lease(
     assert st.status.state is TunnelState.CLOSED
     await st.close()  # again, on its own loop: nothing left to do
     assert len(relay.deletes) == 1
+
+
+# -- end to end: our agent against the real relay (taskapp_notebook.relay) ---------------
+
+
+@pytest.fixture
+async def real_relay(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
+    from taskapp_notebook.relay import RelayConfig, RelayServer
+
+    # Leases live 2 s, so the agent renews during the test.
+    config = RelayConfig(default_ttl=2.0, max_ttl=2.0, ping_interval=0.5, ping_timeout=2.0)
+    async with RelayServer(config=config) as server:
+        monkeypatch.setenv("SYNTH_BACKEND_URL", server.url)
+        monkeypatch.setenv("SYNTH_API_KEY", server.api_key)
+        yield server
+
+
+async def test_end_to_end_through_the_real_relay(
+    real_relay: Any,
+    ctx: TunnelContext,
+    app_state: tuple[dict[str, Any], int],
+    events: list[str],
+) -> None:
+    import httpx
+
+    state, _ = app_state
+    st = SynthTunnel()
+    st.preflight(ctx)
+    url = await st.open(ctx)
+    lease_id = st.lease.lease_id if st.lease else ""
+    try:
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as caller:
+            auth = st.verification_headers()
+            response = await caller.get(
+                f"{url}/echo",
+                params={"x": "1"},
+                headers={**auth, "X-API-Key": "callers-key", "x-synthtunnel-lease-id": "spoof"},
+            )
+            assert response.status_code == 200
+            pairs = [(k.lower(), v) for k, v in response.json()["headers"]]
+            assert ("x-api-key", APP_KEY) in pairs and ("x-synthtunnel-lease-id", lease_id) in pairs
+            assert ("authorization", f"Bearer {APP_KEY}") in pairs
+            assert response.json()["query"] == "x=1"
+
+            payload = secrets.token_bytes(1024 * 1024)
+            response = await caller.post(f"{url}/upload", content=payload, headers=auth)
+            assert response.status_code == 200 and response.content == payload
+            assert state["upload_bytes"] == len(payload)
+
+            unauthenticated = await caller.get(f"{url}/echo")
+            assert unauthenticated.status_code in (401, 403)
+
+            # A caller that gives up: the relay sends CANCEL, the app sees the disconnect.
+            with pytest.raises(httpx.ReadTimeout):
+                await caller.get(f"{url}/hold", headers=auth, timeout=0.5)
+            await wait_until(lambda: len(state.get("disconnected", [])) == 1)
+            assert state["disconnected"] == state["started"]
+
+            # The 2 s lease is renewed in place (same lease, URL and token) while we call it.
+            await wait_until(lambda: any("extended" in e for e in events))
+            assert st.url == url and st.lease is not None and st.lease.lease_id == lease_id
+            again = await caller.get(f"{url}/echo", headers=st.verification_headers())
+            assert again.status_code == 200
+            assert st.status.state is TunnelState.CONNECTED
+    finally:
+        await st.close()
+    async with httpx.AsyncClient(trust_env=False) as client:
+        gone = await client.get(
+            f"{real_relay.url}/api/v1/synthtunnel/leases/{lease_id}",
+            headers={"Authorization": f"Bearer {real_relay.api_key}"},
+        )
+    assert gone.status_code in (404, 410)

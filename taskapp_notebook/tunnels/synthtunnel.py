@@ -306,9 +306,10 @@ class SynthTunnel:
             await asyncio.gather(*tasks, return_exceptions=True)
             agents = list(self._agents)
             await asyncio.gather(*(agent.close() for agent in agents), return_exceptions=True)
+        deleted: list[bool] = []
         if self._leases is not None and agents:
             leases = self._leases
-            await asyncio.gather(
+            deleted = await asyncio.gather(
                 *(
                     leases.delete(agent.lease.lease_id, timeout=self.delete_timeout, quiet=True)
                     for agent in agents
@@ -318,8 +319,11 @@ class SynthTunnel:
         if self._http is not None and on_owner_loop:
             await self._http.aclose()
         self.status.set(TunnelState.CLOSED)
-        if agents:
+        for agent, gone in zip(agents, deleted, strict=True):
+            lease = agent.lease
             self._event(
-                "SynthTunnel closed; deleted lease "
-                + ", ".join(agent.lease.lease_id for agent in agents)
+                f"SynthTunnel closed; lease {lease.lease_id} deleted"
+                if gone
+                else f"SynthTunnel closed; lease {lease.lease_id} could not be deleted "
+                f"(it expires at {lease.expires_at.isoformat()})"
             )
