@@ -12,6 +12,7 @@ daemon thread's loop (``serve_on="thread"``); all of an instance's async work ru
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import logging
@@ -140,7 +141,7 @@ class InProcessTaskApp:
             )
         if isinstance(health_check_timeout, bool) or not isinstance(
             health_check_timeout, int | float
-        ) or health_check_timeout <= 0:
+        ) or not health_check_timeout > 0:  # also rejects NaN
             raise InvalidParameterError(
                 f"health_check_timeout must be a positive number of seconds, got "
                 f"{health_check_timeout!r}."
@@ -417,6 +418,7 @@ class InProcessTaskApp:
         except BaseException as exc:
             with contextlib.suppress(BaseException):
                 await asyncio.shield(self._teardown())
+            self.url = self.task_app_worker_token = None
             self._set_state(AppState.FAILED, error=_describe(exc))
             logger.info("Task app %r failed to start: %s", self.name, _describe(exc))
             raise
@@ -472,19 +474,22 @@ class InProcessTaskApp:
         if server is not None:
             server.close_listener()
 
-    def _stop_from_signal(self) -> None:
-        """Called from a signal handler on the main thread."""
+    def _stop_from_signal(self) -> concurrent.futures.Future[None] | None:
+        """Called from a signal handler on the main thread.
+
+        Returns the rest of the stop when it was scheduled on the running loop (loop mode),
+        None when the app is already stopped.
+        """
         if self._thread is not None or self._loop is None or not self._loop.is_running():
             self.stop()
-            return
+            return None
         # Loop mode, and the signal interrupted that very loop: free the port now and let
         # the loop finish the rest (``async with`` / asyncio.run's cleanup await it too).
         server = self._server
         if server is not None:
             server.close_listener()
             server.request_exit()
-        loop = self._loop
-        loop.call_soon_threadsafe(lambda: loop.create_task(self.astop()))
+        return asyncio.run_coroutine_threadsafe(self.astop(), self._loop)
 
     def _close_thread(self) -> None:
         thread, self._thread = self._thread, None
@@ -515,9 +520,11 @@ class InProcessTaskApp:
     def _on_tunnel_event(self, line: str) -> None:
         self._event(f"tunnel: {line}")
         tunnel = self.tunnel
-        if tunnel is not None and tunnel.url and tunnel.url != self.url and self.is_running:
-            logger.info("Tunnel URL of %r changed to %s", self.name, tunnel.url)
-            self.url = tunnel.url
+        if tunnel is not None and self.is_running:
+            if tunnel.url and tunnel.url != self.url:
+                logger.info("Tunnel URL of %r changed to %s", self.name, tunnel.url)
+                self.url = tunnel.url
+            self.task_app_worker_token = tunnel.worker_token
         for listener in list(self._listeners):
             with contextlib.suppress(Exception):
                 listener(self)

@@ -41,6 +41,9 @@ from .state import ROUTE_PREFIX, RelayState
 
 logger = logging.getLogger(__name__)
 
+#: RESP_ERROR codes that are not "could not reach the app" (our agent's refusals).
+_AGENT_ERROR_STATUS = {"AGENT_OVERLOADED": 503, "DEADLINE_EXCEEDED": 504}
+
 RETRY_AFTER = [(b"retry-after", b"1")]
 
 
@@ -253,8 +256,11 @@ async def _run(
                     outcome = "ok"
                     return
                 elif isinstance(event, RespError):
+                    # An agent that refuses for load or time says so; anything else means the
+                    # task app could not be reached.
+                    status = _AGENT_ERROR_STATUS.get(event.code, 502)
                     await fail(
-                        502,
+                        status,
                         "agent_error",
                         f"the agent could not reach the task app: "
                         f"{event.code} {event.message[:200]}".rstrip(),
