@@ -295,7 +295,7 @@ class HealthMonitor:
                     self._ping_sent = sent
             reported = 0.0
             while not answered.wait(0.1):
-                if run.stop.is_set():
+                if run.stop.is_set() or loop.is_closed():
                     return
                 lag = time.monotonic() - sent
                 if lag >= BUSY_AFTER and loop.is_running() and (
