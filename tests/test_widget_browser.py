@@ -48,6 +48,7 @@ def _missing() -> str | None:
 MISSING = _missing()
 pytestmark = [
     pytest.mark.kernel,
+    pytest.mark.browser,
     pytest.mark.timeout(300),
     pytest.mark.skipif(MISSING is not None,
                        reason=f"{MISSING}; run scripts/install-browser-deps"),
