@@ -97,11 +97,14 @@ async def wait_healthy(
     deadline = loop.time() + timeout
     delay = _FIRST_DELAY
     attempts = 0
+    answered: HealthResult | None = None  # the last check that got an HTTP status
     try:
         while True:
             remaining = max(deadline - loop.time(), 0.001)
             result = await check_once(client, url, headers, timeout=min(remaining, 10.0))
             attempts += 1
+            if result.status is not None:
+                answered = result
             logger.debug("Health check %d of %s: %s", attempts, url, result.describe())
             if result.ok:
                 return result
@@ -111,9 +114,14 @@ async def wait_healthy(
                     "set ENVIRONMENT_API_KEY or pass api_key= with the key the app expects."
                 )
             if loop.time() + delay >= deadline:
+                # The last check may have been cut short by the deadline (ReadTimeout);
+                # the app's last real answer is what explains the failure.
+                last = result.describe()
+                if answered is not None and answered is not result:
+                    last = f"{answered.describe()}, then {last}"
                 raise HealthCheckError(
                     f"The {what} at {url} did not become healthy within {timeout:g} s "
-                    f"({attempts} checks; last: {result.describe()}). Check that it serves "
+                    f"({attempts} checks; last: {last}). Check that it serves "
                     "GET /health with status 200 and accepts the X-API-Key header, or raise "
                     "health_check_timeout."
                 )

@@ -10,7 +10,9 @@ Hooks are installed on the first start, never at import:
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import concurrent.futures
 import logging
 import signal
 import sys
@@ -93,7 +95,10 @@ def install_hooks() -> None:
         signals.append(signal.SIGINT)
     for sig in signals:
         try:
-            _previous_handlers[sig] = signal.getsignal(sig)
+            previous = signal.getsignal(sig)
+            if previous == signal.SIG_IGN:
+                continue  # the process ignores it on purpose (nohup, background job)
+            _previous_handlers[sig] = previous
             signal.signal(sig, _handle_signal)
         except (ValueError, OSError):  # pragma: no cover - exotic embedders
             logger.debug("Could not install a handler for %s", sig, exc_info=True)
@@ -105,12 +110,26 @@ def _handle_signal(signum: int, frame: FrameType | None) -> None:
     if apps:
         logger.info("Received %s: stopping %d task app(s)", signal.Signals(signum).name,
                     len(apps))
+    pending: list[concurrent.futures.Future[None]] = []
     for app in reversed(apps):
         try:
-            app._stop_from_signal()
+            stopping = app._stop_from_signal()
         except Exception:  # noqa: BLE001
             logger.warning("Error while stopping %r on a signal", app, exc_info=True)
+        else:
+            if stopping is not None:
+                pending.append(stopping)
     previous = _previous_handlers.get(signum, signal.SIG_DFL)
+    loop = _running_loop()
+    if pending and loop is not None and (
+        previous is signal.default_int_handler or previous == signal.SIG_DFL
+    ):
+        # The signal interrupted the loop those apps serve on. Raising here would abort the
+        # loop mid-stop (asyncio.run then cancels the app's lifespan shutdown); raise from
+        # the loop once the stops are done instead.
+        exc = KeyboardInterrupt() if signum == signal.SIGINT else SystemExit(128 + signum)
+        loop.call_soon_threadsafe(loop.create_task, _raise_when_stopped(pending, exc))
+        return
     if callable(previous):
         handler: Callable[[int, FrameType | None], Any] = previous
         handler(signum, frame)
@@ -122,6 +141,24 @@ def _handle_signal(signum: int, frame: FrameType | None) -> None:
         # Default action for SIGTERM is to die; exit through Python so ``with`` blocks,
         # ``finally`` and atexit run, with the shell's conventional status.
         raise SystemExit(128 + signum)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+async def _raise_when_stopped(
+    pending: list[concurrent.futures.Future[None]], exc: BaseException
+) -> None:
+    await asyncio.wait([asyncio.wrap_future(f) for f in pending], timeout=30.0)
+    asyncio.get_running_loop().call_soon(_raise, exc)  # out of run_forever, not a task
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
 
 
 def uninstall_hooks() -> None:
