@@ -151,6 +151,13 @@ class ServerHandle:
         self.server.should_exit = True
         self.close_listener()
         self.server.exit_event.set()
+        if not task.done() and not self.server.started:
+            # Still in startup (e.g. a slow lifespan): nothing to drain, so do not wait for
+            # it. Cancel, and queue the lifespan's shutdown so its task ends too.
+            task.cancel()
+            queue = getattr(getattr(self.server, "lifespan", None), "receive_queue", None)
+            if queue is not None:
+                queue.put_nowait({"type": "lifespan.shutdown"})
         if not task.done():
             try:
                 await asyncio.shield(task)
