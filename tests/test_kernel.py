@@ -23,7 +23,7 @@ import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 
-from tests.conftest import port_is_free
+from tests.conftest import free_port, port_is_free
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(240)]
 
@@ -102,6 +102,9 @@ def collect(kc: BlockingKernelClient, msg_id: str, timeout: float = 60) -> Reply
         shell = kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
         if shell["parent_header"].get("msg_id") == msg_id:
             reply.status = shell["content"]["status"]
+            if reply.status == "error" and reply.ename is None:  # UsageError: no iopub error
+                reply.ename = shell["content"].get("ename")
+                reply.evalue = shell["content"].get("evalue")
             return reply
 
 
@@ -157,10 +160,18 @@ def stop_kernel(kernel: Kernel) -> None:
 
 
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
+def shared_kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
     k = start_kernel(tmp_path_factory.mktemp("kernel"))
     yield k
     stop_kernel(k)
+
+
+@pytest.fixture
+def kernel(shared_kernel: Kernel) -> Kernel:
+    """The shared kernel, with no app running."""
+    ok(shared_kernel.kc, "%taskapp stop --all")
+    assert shared_kernel.app_listening_ports() == set()
+    return shared_kernel
 
 
 @pytest.fixture
@@ -189,7 +200,6 @@ def app_url(kc: BlockingKernelClient, name: str) -> str:
 
 def test_rerun_50_times_leaves_one_app(kernel: Kernel) -> None:
     kc = kernel.kc
-    ok(kc, "%taskapp stop --all")
     code = APP_CELL.format(options="")
     ports, baseline = [], None
     for i in range(50):
@@ -206,13 +216,32 @@ def test_rerun_50_times_leaves_one_app(kernel: Kernel) -> None:
     assert len(set(ports)) == 1, "re-runs should reuse the same port"
     assert final["tasks"] == baseline["tasks"]
     assert final["threads"] == baseline["threads"]
-    assert final["fds"] == baseline["fds"]
+    assert final["fds"] <= baseline["fds"] + 2  # a leak would add one or more per re-run
     table = ok(kc, "%taskapp list").outputs[-1]["text/plain"]
     assert sum(1 for line in table.splitlines() if " running " in line) == 1, table
     assert kernel.app_listening_ports() == {ports[0]}
     assert psutil.Process(kernel.pid).children(recursive=True) == []
     ok(kc, "%taskapp stop --all")
     assert kernel.app_listening_ports() == set()
+
+
+def test_rerun_with_widget_leaves_one_monitor(kernel: Kernel) -> None:
+    code = APP_CELL.format(options="").replace(" --no-widget", "")
+    for _ in range(10):
+        reply = ok(kernel.kc, code, cell_id="cell-widget")
+        assert any("application/vnd.jupyter.widget-view+json" in o for o in reply.outputs)
+    reply = ok(kernel.kc, """
+import threading, time
+def _monitors():
+    return [t.name for t in threading.enumerate() if t.name.startswith("taskapp-monitor")]
+for _ in range(200):  # replaced monitors' threads exit on their next tick
+    if len(_monitors()) <= 1:
+        break
+    time.sleep(0.05)
+print("MONITORS", len(_monitors()))
+""")
+    assert "MONITORS 1" in reply.stdout
+    assert len(probe(kernel.kc)["apps"]) == 1
 
 
 def test_interrupt_idle_and_busy_leaves_app_serving(kernel: Kernel) -> None:
@@ -296,6 +325,39 @@ print("AFTER", registry.running(),
     ok(kc, "%load_ext taskapp_notebook")
 
 
+SLOW_START = """%%taskapp --tunnel local --no-widget --name slow --serve-on {mode}
+import asyncio, contextlib
+from fastapi import FastAPI
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    print("lifespan started", flush=True)
+    await asyncio.sleep(60)
+    yield
+
+app = FastAPI(lifespan=lifespan)
+"""
+
+
+@pytest.mark.parametrize("mode", ["loop", "thread"])
+def test_interrupt_during_start_leaves_nothing_running(kernel: Kernel, mode: str) -> None:
+    kc = kernel.kc
+    msg_id = send(kc, SLOW_START.format(mode=mode), cell_id=f"cell-slow-{mode}")
+    _wait_for_stdout(kc, msg_id, "lifespan started")
+    kernel.km.interrupt_kernel()
+    reply = collect(kc, msg_id)
+    # Where the interrupt lands decides the outcome: in the magic's wait (the cell raises
+    # KeyboardInterrupt) or inside the app's own lifespan (its startup fails: UsageError).
+    assert reply.status == "error" and reply.ename in ("KeyboardInterrupt", "UsageError")
+    if reply.ename == "UsageError":
+        assert "lifespan startup raised (KeyboardInterrupt)" in str(reply.evalue)
+    assert probe(kc)["apps"] == []
+    assert kernel.app_listening_ports() == set()
+    state = ok(kc, "from taskapp_notebook.notebook.extension import loaded_magics\n"
+                   "print('STATE', loaded_magics(get_ipython()).known['slow'].state)")
+    assert state.stdout.split() in (["STATE", "failed"], ["STATE", "stopped"])
+
+
 def _wait_for_stdout(kc: BlockingKernelClient, msg_id: str, text: str) -> None:
     """Consume iopub until ``text`` was printed by ``msg_id`` (the cell is then running)."""
     deadline = time.monotonic() + 30
@@ -325,8 +387,11 @@ for _a in registry.running():
 
 def _start_two_apps(kernel: Kernel, marker: Path) -> list[int]:
     kc = kernel.kc
-    ok(kc, APP_CELL.format(options="--name on-loop --serve-on loop"), cell_id="c1")
-    ok(kc, APP_CELL.format(options="--name on-thread --serve-on thread"), cell_id="c2")
+    # Ports off the 8114 range: other test runs on this machine may reuse a freed 8114.
+    ok(kc, APP_CELL.format(options=f"--name on-loop --serve-on loop --port {free_port()}"),
+       cell_id="c1")
+    ok(kc, APP_CELL.format(options=f"--name on-thread --serve-on thread --port {free_port()}"),
+       cell_id="c2")
     ok(kc, RECORD_STOPS.format(path=str(marker)))
     ports = [app[2] for app in probe(kc)["apps"]]
     assert len(ports) == 2 and all(not port_is_free(p) for p in ports)
@@ -342,7 +407,8 @@ def _watch_ports(ports: list[int], started: float, found: dict[int, float],
         time.sleep(0.002)
 
 
-def _shut_down(kernel: Kernel, marker: Path, *, restart: bool) -> None:
+def _shut_down(kernel: Kernel, marker: Path, *, restart: bool, channel: str = "control"
+               ) -> None:
     ports = _start_two_apps(kernel, marker)
     old = psutil.Process(kernel.pid)
     children = old.children(recursive=True)
@@ -351,28 +417,38 @@ def _shut_down(kernel: Kernel, marker: Path, *, restart: bool) -> None:
     started = time.perf_counter()
     watcher = threading.Thread(target=_watch_ports, args=(ports, started, found, done))
     watcher.start()
-    if restart:
+    if channel == "shell":  # what older clients do; ipykernel still handles it
+        request = kernel.kc.session.msg("shutdown_request", {"restart": False})
+        kernel.kc.shell_channel.send(request)
+        old.wait(30)
+    elif restart:
         kernel.km.restart_kernel(now=False)
     else:
         kernel.km.shutdown_kernel(now=False)
     total = time.perf_counter() - started
     done.set()
     watcher.join()
-    what = "restart" if restart else "shutdown"
+    what = "restart" if restart else f"shutdown via {channel}"
     print(f"\nkernel {what}: ports free after "
           + ", ".join(f"{found.get(p, float('nan')) * 1000:.0f} ms" for p in ports)
           + f"; {what} call returned after {total * 1000:.0f} ms")
     assert all(port_is_free(p) for p in ports)
     assert not old.is_running() or old.status() == psutil.STATUS_ZOMBIE
     assert not any(child.is_running() for child in children)
-    # Stopped by the wrapped shutdown_request handler (ipykernel's control thread),
-    # before ipykernel stopped its loops; not left to atexit on the main thread.
-    assert sorted(marker.read_text().split()) == ["on-loop@Control", "on-thread@Control"]
+    # Stopped by the wrapped shutdown_request handler (on ipykernel's control thread for
+    # the control channel), before ipykernel stopped its loops: not left to atexit.
+    thread = "Control" if channel == "control" else "MainThread"
+    assert sorted(marker.read_text().split()) == [f"on-loop@{thread}", f"on-thread@{thread}"]
 
 
 def test_kernel_shutdown_stops_apps_and_frees_ports(fresh_kernel: Kernel,
                                                     tmp_path: Path) -> None:
     _shut_down(fresh_kernel, tmp_path / "stopped.txt", restart=False)
+
+
+def test_shutdown_request_on_shell_channel_stops_apps(fresh_kernel: Kernel,
+                                                      tmp_path: Path) -> None:
+    _shut_down(fresh_kernel, tmp_path / "stopped.txt", restart=False, channel="shell")
 
 
 def test_kernel_restart_stops_apps_and_frees_ports(fresh_kernel: Kernel,

@@ -105,6 +105,7 @@ def test_load_registers_magics_cheaply() -> None:
 
 
 def test_unload_stops_apps_and_restores_hooks(shell: InteractiveShell) -> None:
+    registry.uninstall_hooks()  # earlier tests in this process may have left them installed
     sigterm_before = signal.getsignal(signal.SIGTERM)
     hooks_before = list(shell.events.callbacks["pre_run_cell"])
     app = cell(shell, f"--tunnel local --no-widget --port {free_port()}")

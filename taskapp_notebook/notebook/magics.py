@@ -152,7 +152,8 @@ class TaskAppMagics(Magics):
             argv = ["list"]
         command, rest = argv[0], argv[1:]
         if command in ("-h", "--help", "help"):
-            raise UsageError(_usage())
+            print(_usage())
+            return None
         handler: Callable[[list[str]], Any] | None = getattr(self, f"_cmd_{command}", None)
         if command not in SUBCOMMANDS or handler is None:
             raise UsageError(
