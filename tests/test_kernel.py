@@ -244,6 +244,13 @@ print("MONITORS", len(_monitors()))
     assert len(probe(kernel.kc)["apps"]) == 1
 
 
+def test_cell_body_may_await_on_the_kernel_loop(kernel: Kernel) -> None:
+    body = APP_CELL.format(options="--name awaits").replace(
+        "app = FastAPI()", "import asyncio\nawait asyncio.sleep(0.01)\napp = FastAPI()")
+    ok(kernel.kc, body, cell_id="cell-await")
+    assert health(app_url(kernel.kc, "awaits")) == 200
+
+
 def test_interrupt_idle_and_busy_leaves_app_serving(kernel: Kernel) -> None:
     kc = kernel.kc
     ok(kc, APP_CELL.format(options="--name irq"), cell_id="cell-irq")

@@ -184,6 +184,12 @@ def test_without_cell_id_name_then_arguments_key_the_rerun(shell: InteractiveShe
     assert {x.name for x in registry.running()} == {"same", d.name}
 
 
+def test_body_runs_like_a_cell(shell: InteractiveShell) -> None:
+    body = "import asyncio\nawait asyncio.sleep(0)\n_files = !echo hi\n" + APP_BODY
+    app = cell(shell, "--tunnel local --no-widget", body)
+    assert app.is_running and shell.user_ns["_files"] == ["hi"]
+
+
 def test_body_errors(shell: InteractiveShell) -> None:
     result, out = run_cell(shell, "%%taskapp --tunnel local\nraise KeyError('boom')")
     assert isinstance(result.error_in_exec, KeyError)  # user code: a normal traceback
@@ -245,6 +251,9 @@ def test_line_subcommands(shell: InteractiveShell, tmp_path: Path) -> None:
 
 
 def test_help_prints_usage_without_error(shell: InteractiveShell) -> None:
+    result, out = run_cell(shell, "%taskapp -h")
+    assert result.success and out.startswith("%%taskapp [--tunnel MODE]")
+    assert "%taskapp stop [NAME | --all]" in out
     result, out = run_cell(shell, "%taskapp start -h")
     assert result.success and "usage: %taskapp start" in out and "--tunnel" in out
     result, out = run_cell(shell, "%%taskapp --help\napp = None")

@@ -6,10 +6,13 @@
   ``shell_handlers``: every app stops (bounded wait) before ipykernel replies and stops its
   loops. ``atexit`` is the second line of defence (kernel-facts.md #5).
 * ``uninstall()`` restores exactly what ``install()`` replaced.
+
+``run_in_namespace`` runs a ``%%taskapp`` body the way the kernel runs a cell.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import atexit
 import contextlib
@@ -19,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .. import registry
+from ..loops import run_sync, running_loop
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +125,25 @@ class KernelHooks:
 
     def _post_run_cell(self, result: Any) -> None:
         self.cell_id = None
+
+
+def run_in_namespace(shell: Any, cell: str) -> None:
+    """Run a cell body in the user namespace, like a cell (IPython syntax, top-level await).
+
+    Errors propagate with a traceback into the user's own code.
+    """
+    code = shell.transform_cell(cell)
+    filename = shell.compile.cache(code, shell.execution_count, raw_code=cell)
+    code_obj = compile(code, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    if not code_obj.co_flags & inspect.CO_COROUTINE:
+        exec(code_obj, shell.user_global_ns, shell.user_ns)
+        return
+    coro = eval(code_obj, shell.user_global_ns, shell.user_ns)
+    loop = running_loop()
+    if loop is not None:
+        run_sync(loop, coro)  # a kernel cell: nest on the kernel's loop
+    else:
+        asyncio.run(coro)
 
 
 def _stop_all_at_exit() -> None:

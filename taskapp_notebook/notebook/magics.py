@@ -6,8 +6,10 @@ turns them into ``UsageError`` — one red line, no traceback, the kernel keeps 
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -23,6 +25,7 @@ from ..loops import running_loop
 from ..ports import ALLOWED_HOSTS
 from ..tunnels.base import TUNNEL_MODES
 from . import options
+from .kernel import run_in_namespace
 from .options import HelpRequested, Parser, add_start_options, parse, split_args
 from .views import AppTable, StatusView, log_text
 
@@ -130,11 +133,8 @@ class TaskAppMagics(Magics):
         return self._launch(source, opts, fallback_key=f"cell:{' '.join(line.split())}")
 
     def _run_body(self, cell: str) -> None:
-        shell = self.ip
-        code = shell.transform_cell(cell)
-        filename = shell.compile.cache(code, shell.execution_count, raw_code=cell)
         try:
-            exec(compile(code, filename, "exec"), shell.user_ns)  # noqa: S102 - a cell
+            run_in_namespace(self.ip, cell)
         except TaskAppError as exc:
             raise UsageError(f"%%taskapp: the cell body raised: {_first_line(exc)}") from None
 
@@ -387,5 +387,7 @@ def _scrub(text: str, secrets: tuple[str | None, ...]) -> str:
 
 
 def _usage() -> str:
-    doc = TaskAppMagics.__doc__ or ""
-    return doc.split("Usage::", 1)[-1].strip("\n")
+    """The ``Usage::`` block of the class docstring (up to the next paragraph)."""
+    block = inspect.cleandoc(TaskAppMagics.__doc__ or "").split("Usage::", 1)[-1]
+    lines = itertools.takewhile(lambda ln: not ln or ln[0].isspace(), block.splitlines())
+    return textwrap.dedent("\n".join(lines)).strip("\n")
