@@ -618,3 +618,29 @@ async def test_stop_closes_agents_and_fails_requests_in_flight(client: httpx.Asy
             await ws.recv()
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
     assert port_is_free(port) and not relay.running
+
+
+def test_req_body_frames_equal_json_dumps_and_bad_base64_is_rejected():
+    from taskapp_notebook.relay.frames import (
+        FrameError,
+        RespBody,
+        encode_req_body,
+        parse_agent_frame,
+    )
+
+    data = os.urandom(65536)
+    for rid in ("rid_0123", 'odd "rid" \\ é\n'):
+        for chunk in (b"", data, memoryview(data)[100:5000]):
+            text = encode_req_body(rid, chunk)
+            expected = {
+                "type": "REQ_BODY",
+                "rid": rid,
+                "chunk_b64": base64.b64encode(chunk).decode(),
+            }
+            assert json.loads(text) == expected
+            assert text == json.dumps(expected, separators=(",", ":"))
+    frame = {"type": "RESP_BODY", "rid": "r", "chunk_b64": base64.b64encode(data).decode()}
+    assert parse_agent_frame(json.dumps(frame)) == RespBody("r", data)
+    for bad in ("QQ=", "QQ==QQ==", "QU JD", "QUJD\n", "é", "=QQ=", "QQ==="):
+        with pytest.raises(FrameError, match="not valid base64"):
+            parse_agent_frame(json.dumps({**frame, "chunk_b64": bad}))

@@ -964,3 +964,28 @@ async def test_end_to_end_through_the_real_relay(
             headers={"Authorization": f"Bearer {real_relay.api_key}"},
         )
     assert gone.status_code in (404, 410)
+
+
+def test_resp_body_frames_equal_json_dumps_and_bad_base64_is_rejected():
+    from taskapp_notebook.tunnels.synthtunnel_frames import (
+        FrameError,
+        RespBodyEncoder,
+        b64decode,
+        dumps,
+        resp_body,
+        split_chunks,
+    )
+
+    data = os.urandom(200_000)
+    pieces = list(split_chunks(data))
+    assert [len(p) for p in pieces] == [65536, 65536, 65536, 3392]
+    assert b"".join(pieces) == data and list(split_chunks(b"")) == []
+    for lease_id, rid in (("lease_1", "rid_1"), ('le"ase\\', "rïd\n")):
+        encode = RespBodyEncoder(lease_id, rid)
+        for piece in [*pieces, b"x", b""]:
+            text = encode(piece)
+            assert text == dumps(resp_body(lease_id, rid, bytes(piece)))
+            assert b64decode(json.loads(text)["chunk_b64"]) == bytes(piece)
+    for bad in ("QQ=", "QQ==QQ==", "QU JD", "QUJD\n", "é", "=QQ=", "QQ===", None):
+        with pytest.raises(FrameError):
+            b64decode(bad)

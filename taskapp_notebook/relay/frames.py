@@ -7,7 +7,6 @@ by :func:`parse_agent_frame`, which returns one of the small frame classes below
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import re
@@ -143,9 +142,26 @@ def encode_req_headers(
     )
 
 
-def encode_req_body(rid: str, chunk: bytes) -> str:
+def encode_req_body(rid: str, chunk: bytes | memoryview) -> str:
     """REQ_BODY with ``chunk`` (≤ MAX_BODY_CHUNK bytes) in standard padded base64."""
-    return _dumps({"type": "REQ_BODY", "rid": rid, "chunk_b64": base64.b64encode(chunk).decode()})
+    return ReqBodyEncoder(rid)(chunk)
+
+
+class ReqBodyEncoder:
+    """REQ_BODY frames of one request: the JSON around the chunk is built once.
+
+    Equal to ``json.dumps`` of the frame, without its scan and copy of every ~87 KB base64
+    string (which needs no escaping): about twice the cost of the base64 itself.
+    """
+
+    __slots__ = ("_prefix",)
+
+    def __init__(self, rid: str) -> None:
+        self._prefix = f'{{"type":"REQ_BODY","rid":{json.dumps(rid)},"chunk_b64":"'
+
+    def __call__(self, chunk: bytes | memoryview) -> str:
+        b64 = binascii.b2a_base64(chunk, newline=False).decode("ascii")
+        return self._prefix + b64 + '"}'
 
 
 def encode_req_end(rid: str) -> str:
@@ -226,7 +242,8 @@ def parse_agent_frame(message: str | bytes) -> AgentFrame:
         if not isinstance(chunk, str):
             raise FrameError("RESP_BODY without a string chunk_b64", rid)
         try:
-            data = base64.b64decode(chunk, validate=True)
+            # strict_mode: what b64decode(validate=True) rejects, in one C pass (no regex).
+            data = binascii.a2b_base64(chunk, strict_mode=True)
         except (binascii.Error, ValueError):
             raise FrameError("RESP_BODY chunk_b64 is not valid base64", rid) from None
         return RespBody(rid, data)

@@ -24,12 +24,12 @@ from .agents import (
 from .frames import (
     MAX_BODY_CHUNK,
     REQUEST_DROP,
+    ReqBodyEncoder,
     RespBody,
     RespEnd,
     RespError,
     RespHeaders,
     encode_cancel,
-    encode_req_body,
     encode_req_end,
     encode_req_headers,
     is_hop_by_hop,
@@ -146,6 +146,7 @@ async def _cancel(session: AgentSession, rid: str) -> None:
 async def _pump(session: AgentSession, exchange: Exchange, receive: Receive) -> None:
     """Stream the caller's body to the agent, then watch for the caller leaving."""
     rid = exchange.rid
+    body_frame = ReqBodyEncoder(rid)
     try:
         while True:
             message = await receive()
@@ -153,8 +154,13 @@ async def _pump(session: AgentSession, exchange: Exchange, receive: Receive) -> 
                 exchange.interrupt(CallerGone())
                 return
             body = message.get("body", b"")
-            for start in range(0, len(body), MAX_BODY_CHUNK):
-                await session.send(encode_req_body(rid, body[start : start + MAX_BODY_CHUNK]))
+            if len(body) <= MAX_BODY_CHUNK:
+                if body:
+                    await session.send(body_frame(body))
+            else:
+                view = memoryview(body)
+                for start in range(0, len(body), MAX_BODY_CHUNK):
+                    await session.send(body_frame(view[start : start + MAX_BODY_CHUNK]))
             if not message.get("more_body", False):
                 break
         await session.send(encode_req_end(rid))

@@ -268,8 +268,8 @@ class LeaseAgent:
 
     # -- frames -----------------------------------------------------------------------
 
-    async def _send(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
-        await ws.send(dumps(frame))
+    async def _send(self, ws: ClientConnection, frame: dict[str, Any] | str) -> None:
+        await ws.send(frame if isinstance(frame, str) else dumps(frame))
 
     async def _serve(self, ws: ClientConnection) -> None:
         async for message in ws:

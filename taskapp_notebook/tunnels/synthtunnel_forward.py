@@ -26,9 +26,9 @@ from .synthtunnel_frames import (
     LOCAL_CONNECT_FAILED,
     MAX_BODY_CHUNK,
     FrameError,
+    RespBodyEncoder,
     forward_headers,
     header_pairs,
-    resp_body,
     resp_end,
     resp_error,
     resp_headers,
@@ -37,7 +37,8 @@ from .synthtunnel_frames import (
 
 logger = logging.getLogger(__name__)
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+#: Sends one frame: a frame object, or frame JSON text that is already encoded.
+Send = Callable[[dict[str, Any] | str], Awaitable[None]]
 
 #: Characters kept as they are when re-quoting a request target with unsafe characters.
 _TARGET_SAFE = "".join(sorted(set(string.printable) - set(string.whitespace) - {"#"}))
@@ -155,6 +156,7 @@ class ForwardedRequest:
                         ]
                         await send(resp_headers(self.lease_id, self.rid, response.status_code, raw))
                         headers_sent = True
+                        body_frame = RespBodyEncoder(self.lease_id, self.rid)
                         total = 0
                         async for data in response.aiter_raw():
                             total += len(data)
@@ -165,7 +167,7 @@ class ForwardedRequest:
                                 )
                                 break
                             for piece in split_chunks(data):
-                                await send(resp_body(self.lease_id, self.rid, piece))
+                                await send(body_frame(piece))
                 except httpx.LocalProtocolError as exc:
                     code = LOCAL_BAD_RESPONSE if headers_sent else BAD_REQUEST_FRAME
                     error = (code, f"{type(exc).__name__}: {exc}")
