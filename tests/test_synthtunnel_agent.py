@@ -320,6 +320,10 @@ def make_app(state: dict[str, Any]) -> FastAPI:
     async def redirect() -> Response:
         return Response(status_code=307, headers={"location": "/echo"})
 
+    @app.get("/cookie")
+    async def cookie() -> Response:
+        return Response(b"set", headers={"set-cookie": "session=callers-a; Path=/"})
+
     return app
 
 
@@ -511,6 +515,18 @@ async def test_response_is_returned_as_is_without_following_redirects(
     assert frames[0]["status"] == 307
     assert ["location", "/echo"] in frames[0]["headers"]
     assert frames[-1]["type"] == "RESP_END"
+
+
+async def test_app_cookies_are_not_kept_between_callers(
+    relay: SynthTunnelTestRelay, tunnel: SynthTunnel
+) -> None:
+    conn = only_conn(relay)
+    await conn.request("r-cookie", "GET", "/cookie")
+    frames = await conn.response("r-cookie")
+    assert ["set-cookie", "session=callers-a; Path=/"] in frames[0]["headers"]
+    await conn.request("r-after", "GET", "/echo")
+    seen = json.loads(body_of(await conn.response("r-after")))
+    assert "cookie" not in [k.lower() for k, _ in seen["headers"]]
 
 
 async def test_one_mib_post_streams_both_ways_in_64k_chunks(

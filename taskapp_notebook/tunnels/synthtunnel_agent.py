@@ -80,7 +80,7 @@ class LeaseAgent:
         local_host: str,
         local_port: int,
         api_key: str,
-        http: httpx.AsyncClient,
+        http: httpx.AsyncBaseTransport,
         max_inflight: int,
         ping_interval: float,
         ping_timeout: float,

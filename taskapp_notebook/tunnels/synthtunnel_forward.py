@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 #: Sends one frame: a frame object, or frame JSON text that is already encoded.
 Send = Callable[[dict[str, Any] | str], Awaitable[None]]
 
+#: Local request timeouts: 10 s to connect; the rest is bounded by ``deadline_ms``.
+_TIMEOUTS = httpx.Timeout(None, connect=10.0).as_dict()
+
 #: Characters kept as they are when re-quoting a request target with unsafe characters.
 _TARGET_SAFE = "".join(sorted(set(string.printable) - set(string.whitespace) - {"#"}))
 
@@ -134,7 +137,7 @@ class ForwardedRequest:
             yield chunk
 
     async def run(
-        self, http: httpx.AsyncClient, send: Send, max_response_bytes: int | None
+        self, http: httpx.AsyncBaseTransport, send: Send, max_response_bytes: int | None
     ) -> None:
         """Forward to the app and send the response frames, ending in RESP_END/RESP_ERROR.
 
@@ -147,9 +150,15 @@ class ForwardedRequest:
                 await self._ready.wait()
                 content = self._stream() if self.streaming else b"".join(self._buffer)
                 try:
-                    async with http.stream(
-                        self.method, self.url, headers=self.headers, content=content
-                    ) as response:
+                    request = httpx.Request(
+                        self.method,
+                        self.url,
+                        headers=self.headers,
+                        content=content,
+                        extensions={"timeout": _TIMEOUTS},
+                    )
+                    response = await http.handle_async_request(request)
+                    try:
                         raw = [
                             [k.decode("latin-1"), v.decode("latin-1")]
                             for k, v in response.headers.raw
@@ -168,6 +177,8 @@ class ForwardedRequest:
                                 break
                             for piece in split_chunks(data):
                                 await send(body_frame(piece))
+                    finally:
+                        await response.aclose()
                 except httpx.LocalProtocolError as exc:
                     code = LOCAL_BAD_RESPONSE if headers_sent else BAD_REQUEST_FRAME
                     error = (code, f"{type(exc).__name__}: {exc}")
