@@ -349,11 +349,15 @@ def test_widget_is_displayed_and_closed_on_rerun(shell: InteractiveShell) -> Non
     magics = loaded_magics(shell)
     assert magics is not None
     (view,) = magics.views.values()
-    assert view.app is first.result and view.monitor is not None
-    second, _ = run_cell(shell, code, cell_id="w")
-    assert str(first.result.state) == "stopped" and second.result.is_running
+    # The widget shows the app, so no Out[] repr line; ``_`` is bound to the instance.
+    assert first.result is None
+    first_app = shell.user_ns["_"]
+    assert view.app is first_app and view.monitor is not None
+    shell.run_cell(code, store_history=True, cell_id="w")
+    second_app = shell.user_ns["_"]
+    assert str(first_app.state) == "stopped" and second_app.is_running
     (new_view,) = magics.views.values()
-    assert new_view is not view and new_view.app is second.result
+    assert new_view is not view and new_view.app is second_app
     assert view.monitor.closed  # the replaced app's monitor was closed with its view
 
 

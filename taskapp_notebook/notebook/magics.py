@@ -165,7 +165,7 @@ class TaskAppMagics(Magics):
             print(help_.text)
             return None
 
-    def _cmd_start(self, argv: list[str]) -> InProcessTaskApp:
+    def _cmd_start(self, argv: list[str]) -> InProcessTaskApp | None:
         parser = Parser(prog="%taskapp start", description="Start the app a .py file defines.")
         parser.add_argument("path", metavar="PATH.py", help="Task app file.")
         add_start_options(parser)
@@ -230,8 +230,9 @@ class TaskAppMagics(Magics):
 
     def _launch(
         self, source: dict[str, Any], opts: argparse.Namespace, *, fallback_key: str
-    ) -> InProcessTaskApp:
-        """Replace whatever this cell started before with a new app; return it running."""
+    ) -> InProcessTaskApp | None:
+        """Replace whatever this cell started before with a new app, running; return it
+        (or None when its widget is displayed — ``_`` is bound to it either way)."""
         from ..runner import InProcessTaskApp
 
         key = self._key(opts, fallback_key)
@@ -261,7 +262,11 @@ class TaskAppMagics(Magics):
         if opts.var:
             self.ip.user_ns[opts.var] = app
         if self.widget and not opts.no_widget:
-            self.views[key] = _show_widget(app)
+            view = self.views[key] = _show_widget(app)
+            if view is not None:
+                # The widget already shows the app: bind ``_`` without an Out[] repr line.
+                self.ip.displayhook.update_user_ns(app)
+                return None
         return app
 
     def _start(self, app: InProcessTaskApp, secrets: tuple[str | None, ...] = ()) -> None:
