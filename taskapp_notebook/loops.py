@@ -65,10 +65,12 @@ class LoopThread:
             logger.warning("Server thread %s did not stop in %.1f s", self.thread.name, timeout)
 
     async def _drain(self, timeout: float) -> None:
+        # Our own work has finished when close() is called; what is left are tasks the app
+        # spawned. Give them a short grace, then cancel them.
         me = asyncio.current_task()
         pending = [t for t in asyncio.all_tasks() if t is not me]
         if pending:
-            _, still = await asyncio.wait(pending, timeout=timeout)
+            _, still = await asyncio.wait(pending, timeout=min(timeout, 1.0))
             for task in still:
                 task.cancel()
             if still:

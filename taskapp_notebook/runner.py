@@ -30,6 +30,7 @@ from .errors import (
     InvalidParameterError,
     ModeNotAvailableError,
     PortInUseError,
+    ServerStartError,
     StartError,
     TaskAppLoadError,
     TunnelVerificationError,
@@ -405,7 +406,14 @@ class InProcessTaskApp:
             from .stats import InstrumentedApp
 
             self._server = ServerHandle(InstrumentedApp(asgi_app, self.stats), sock)
-            await self._server.start()
+            try:
+                await asyncio.wait_for(self._server.start(), self.health_check_timeout)
+            except TimeoutError:
+                raise ServerStartError(
+                    f"The task app's lifespan startup did not finish within "
+                    f"{self.health_check_timeout:g} s. Check its startup hooks, or raise "
+                    "health_check_timeout."
+                ) from None
             logger.debug("Server listening on %s", self.local_url)
             self.health = await wait_healthy(
                 self.local_url, auth_headers(self.api_key), timeout=self.health_check_timeout
