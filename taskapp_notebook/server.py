@@ -130,6 +130,13 @@ class ServerHandle:
             server.close()
         self.sock.close()
 
+    def _stop_accepting(self) -> None:
+        if self.loop is None:
+            return
+        for server in getattr(self.server, "servers", []):
+            for sock in server.sockets:
+                self.loop.remove_reader(sock.fileno())
+
     def request_exit(self) -> None:
         """Ask the server to exit; callable from any thread and from signal handlers."""
         self.server.should_exit = True
@@ -149,6 +156,11 @@ class ServerHandle:
             self.sock.close()
             return
         self.server.should_exit = True
+        # Stop accepting, then let connections accepted in this loop tick get their
+        # transports: asyncio drops (leaks) a socket it accepted when the server is closed
+        # before its transport exists (Server._attach asserts the server is open).
+        self._stop_accepting()
+        await asyncio.sleep(0)
         self.close_listener()
         self.server.exit_event.set()
         if not task.done() and not self.server.started:
