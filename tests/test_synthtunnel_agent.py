@@ -407,6 +407,9 @@ async def test_lease_request_and_attach_frame_follow_the_protocol(
         conn = only_conn(relay)
         assert conn.path == "/agent?relay=test"  # agent_connect.url kept exactly
         assert conn.authorization == f"Bearer {lease['agent_connect']['agent_token']}"
+        # permessage-deflate is offered; the relay decides (see LeaseAgent.connect).
+        assert conn.ws.request is not None
+        assert "permessage-deflate" in conn.ws.request.headers.get("Sec-WebSocket-Extensions", "")
         assert conn.attach == {
             "type": "ATTACH",
             "agent_id": client_id,
@@ -951,6 +954,9 @@ async def test_end_to_end_through_the_real_relay(
             assert ("x-api-key", APP_KEY) in pairs and ("x-synthtunnel-lease-id", lease_id) in pairs
             assert ("authorization", f"Bearer {APP_KEY}") in pairs
             assert response.json()["query"] == "x=1"
+            # Our relay declines the agent's permessage-deflate offer (see endpoint.py).
+            assert st.agent is not None and st.agent._ws is not None
+            assert st.agent._ws.protocol.extensions == []
 
             payload = secrets.token_bytes(1024 * 1024)
             response = await caller.post(f"{url}/upload", content=payload, headers=auth)
