@@ -23,8 +23,8 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .contract import create_task_app
-    from .models import TaskAppConfig
     from .jobs import run_in_process_job
+    from .models import TaskAppConfig
     from .runner import AppState, InProcessTaskApp
 
 __version__ = "0.1.0"

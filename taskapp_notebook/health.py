@@ -57,9 +57,17 @@ def make_client() -> httpx.AsyncClient:
     return httpx.AsyncClient(trust_env=False, verify=ssl_context())
 
 
-def auth_headers(api_key: str) -> dict[str, str]:
-    """Headers that authenticate to a task app with ``api_key``."""
-    return {"X-API-Key": api_key, "Authorization": f"Bearer {api_key}"}
+def auth_headers(api_key: str, *, internal: bool = False) -> dict[str, str]:
+    """Headers that authenticate to a task app with ``api_key``.
+
+    ``internal=True`` marks our own health checks so the app's request stats skip them.
+    """
+    headers = {"X-API-Key": api_key, "Authorization": f"Bearer {api_key}"}
+    if internal:
+        from .stats import INTERNAL_HEADER
+
+        headers[INTERNAL_HEADER] = "1"
+    return headers
 
 
 async def check_once(

@@ -326,7 +326,7 @@ class HealthMonitor:
                 app = self._app_ref()
                 if app is None or not app.is_running:
                     return
-                url, headers = app.local_url, auth_headers(app.api_key)
+                url, headers = app.local_url, auth_headers(app.api_key, internal=True)
                 timeout = min(max(2.0, 2 * self.interval), 10.0)
                 del app
                 with self._lock:

@@ -416,7 +416,9 @@ class InProcessTaskApp:
                 ) from None
             logger.debug("Server listening on %s", self.local_url)
             self.health = await wait_healthy(
-                self.local_url, auth_headers(self.api_key), timeout=self.health_check_timeout
+                self.local_url,
+                auth_headers(self.api_key, internal=True),
+                timeout=self.health_check_timeout,
             )
             logger.debug("Health check passed in %.1f ms", self.health.seconds * 1000)
             self.url = await tunnel.open(self._tunnel_context())

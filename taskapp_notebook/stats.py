@@ -15,6 +15,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+#: Requests carrying this header (our own health checks) are not counted in the stats.
+INTERNAL_HEADER = "x-taskapp-internal"
+_INTERNAL_HEADER_BYTES = INTERNAL_HEADER.encode()
+
 
 @dataclass(frozen=True)
 class RequestRecord:
@@ -80,7 +84,7 @@ class InstrumentedApp:
         if scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
             return
-        if scope["type"] != "http":
+        if scope["type"] != "http" or _is_internal(scope):
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -114,6 +118,10 @@ class InstrumentedApp:
             if self.lifespan_error is None:
                 self.lifespan_error = f"{type(exc).__name__}: {exc}"
             raise
+
+
+def _is_internal(scope: Scope) -> bool:
+    return any(name == _INTERNAL_HEADER_BYTES for name, _ in scope.get("headers", ()))
 
 
 def _last_line(text: str) -> str:

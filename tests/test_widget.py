@@ -97,7 +97,9 @@ def test_shows_running_app(app: InProcessTaskApp, view: TaskAppView) -> None:
     assert not view.restart_button.disabled
     # the monitor's health ticks reach the panel
     assert wait_for(lambda: view.monitor is not None and view.monitor.checks >= 2)
-    assert wait_for(lambda: "HTTP 200" in view.info.value and "health checks" in view.info.value)
+    assert wait_for(lambda: "HTTP 200" in view.info.value)
+    # ... without counting as traffic: the panel shows callers' requests only
+    assert app.stats.count == 0 and "0 requests" in view.info.value
 
 
 def test_stop_start_restart_buttons(app: InProcessTaskApp, view: TaskAppView) -> None:

@@ -162,11 +162,8 @@ class TaskAppView(traitlets.HasTraits):
     def log_lines(self) -> list[str]:
         """The lines the log pane shows: lifecycle events and requests, oldest first."""
         app = self.app
-        monitored = self.monitor is not None
         lines = [(line[:8], line) for line in list(app.events)]
         for record in list(app.stats.recent):
-            if monitored and record.path == "/health" and record.status == 200:
-                continue  # the monitor's own checks
             lines.append((time.strftime("%H:%M:%S", time.localtime(record.at)), record.line()))
         lines.sort(key=lambda item: item[0])
         return [self._redact(line) for _, line in lines[-self.max_lines:]]
@@ -270,11 +267,7 @@ class TaskAppView(traitlets.HasTraits):
             health_text = (f"{health.describe()} · {health.seconds * 1000:.1f} ms · "
                            f"{_duration(ago)} ago")
         uptime = app.uptime
-        checks = monitor.checks if monitor is not None else 0
-        requests = _count(app.stats.count, "request")
-        if checks:
-            requests += f" (incl. {_count(checks, 'health check')})"
-        requests += f" · {_count(app.stats.errors, 'error')}"
+        requests = f"{_count(app.stats.count, 'request')} · {_count(app.stats.errors, 'error')}"
         rows = [
             ("public URL", app.url or "—"),
             ("tunnel", tunnel_text),
