@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-MARK_START = "<!-- bench:lifecycle:start -->"
-MARK_END = "<!-- bench:lifecycle:end -->"
+from _common import write_readme_table
+
+from taskapp_notebook.ports import is_port_free, pick_free_port
 
 
 def make_app() -> Any:
@@ -41,25 +39,8 @@ def make_app() -> Any:
     return app
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
 def wait_port_free(port: int, started: float) -> float:
-    while not port_free(port):
+    while not is_port_free(port):
         time.sleep(0.0002)
     return time.perf_counter() - started
 
@@ -68,7 +49,7 @@ def bench_thread(app: Any, cycles: int) -> tuple[list[float], list[float]]:
     from taskapp_notebook import InProcessTaskApp
 
     starts, stops = [], []
-    port = free_port()
+    port = pick_free_port()
     for _ in range(cycles):
         ta = InProcessTaskApp(app=app, tunnel_mode="local", port=port, serve_on="thread",
                               api_key="bench")
@@ -86,7 +67,7 @@ def bench_loop(app: Any, cycles: int) -> tuple[list[float], list[float]]:
 
     starts: list[float] = []
     stops: list[float] = []
-    port = free_port()
+    port = pick_free_port()
 
     async def main() -> None:
         for _ in range(cycles):
@@ -109,7 +90,7 @@ def bench_baseline(app: Any, cycles: int) -> tuple[list[float], list[float]]:
     import uvicorn
 
     starts, stops = [], []
-    port = free_port()
+    port = pick_free_port()
     for _ in range(cycles):
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
                                 access_log=False)
@@ -194,16 +175,6 @@ def table(cycles: int) -> str:
     return "\n".join(lines)
 
 
-def write_readme(text: str) -> None:
-    readme = ROOT / "README.md"
-    content = readme.read_text()
-    if MARK_START not in content:
-        raise SystemExit(f"README.md has no {MARK_START} marker")
-    head, rest = content.split(MARK_START, 1)
-    _, tail = rest.split(MARK_END, 1)
-    readme.write_text(f"{head}{MARK_START}\n{text}\n{MARK_END}{tail}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--cycles", type=int, default=20)
@@ -212,7 +183,7 @@ def main() -> None:
     text = table(args.cycles)
     print(text)
     if args.write_readme:
-        write_readme(text)
+        write_readme_table("lifecycle", text)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,11 @@ import asyncio
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
+from _common import write_readme_table
 from fastapi import FastAPI, Request, Response
 
-ROOT = Path(__file__).resolve().parent.parent
-MARK_START = "<!-- bench:tunnel:start -->"
-MARK_END = "<!-- bench:tunnel:end -->"
 MIB = 1024 * 1024
 
 
@@ -114,16 +111,6 @@ async def run(requests: int) -> str:
     return "\n".join(lines)
 
 
-def write_readme(text: str) -> None:
-    readme = ROOT / "README.md"
-    content = readme.read_text()
-    if MARK_START not in content:
-        raise SystemExit(f"README.md has no {MARK_START} marker")
-    head, rest = content.split(MARK_START, 1)
-    _, tail = rest.split(MARK_END, 1)
-    readme.write_text(f"{head}{MARK_START}\n{text}\n{MARK_END}{tail}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description="SynthTunnel latency/throughput benchmark")
     parser.add_argument("--requests", type=int, default=200)
@@ -132,7 +119,7 @@ def main() -> None:
     text = asyncio.run(run(args.requests))
     print(text)
     if args.write_readme:
-        write_readme(text)
+        write_readme_table("tunnel", text)
 
 
 if __name__ == "__main__":

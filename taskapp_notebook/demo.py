@@ -24,13 +24,13 @@ import asyncio
 import functools
 import os
 import re
-import socket
 import ssl
 import statistics
 import time
 from typing import Any
 
 from .models import TaskAppConfig
+from .ports import is_port_free
 
 BASELINE_PROMPT = "You are a helpful assistant. Answer with a number."
 IMPROVED_PROMPT = "Work step by step, then give only the exact integer result."
@@ -177,7 +177,7 @@ async def run_demo(rollouts: int = 10) -> dict[str, float]:
                 f"{relay.url}/api/v1/synthtunnel/leases/{lease_id}",
                 headers={"Authorization": f"Bearer {relay.api_key}"},
             )
-        say(f"stopped: port {port} free: {port_free(port)}; lease on the relay: "
+        say(f"stopped: port {port} free: {is_port_free(port)}; lease on the relay: "
             f"HTTP {gone.status_code} ({'deleted' if gone.status_code in (404, 410) else 'LEFT'})")
     return results
 
@@ -193,16 +193,6 @@ async def rollout(job: Any, seed: int, prompt: str, inference_url: str) -> float
     response = await job.post("/rollout", json=body)
     response.raise_for_status()
     return float(response.json()["reward_info"]["outcome_reward"])
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def say(line: str) -> None:

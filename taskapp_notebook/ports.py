@@ -69,6 +69,25 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
+def is_port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when a listener could bind ``host:port`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((bind_address(host), port))
+        except OSError:
+            return False
+        return True
+
+
+def pick_free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS considers free on ``host`` right now (for helpers such as metrics)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((bind_address(host), 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 def is_addr_in_use(exc: OSError) -> bool:
     return exc.errno in (errno.EADDRINUSE, errno.EACCES)
 

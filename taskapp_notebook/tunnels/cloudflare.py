@@ -16,13 +16,13 @@ import logging
 import os
 import re
 import shutil
-import socket
 from collections.abc import Mapping
 from typing import Any
 
 import httpx
 
 from ..errors import TunnelError, mask_secret
+from ..ports import pick_free_port
 from .base import TunnelContext
 from .process import SubprocessTunnel
 
@@ -75,13 +75,6 @@ def find_cloudflared(explicit: str | None = None) -> str:
             f"TASKAPP_CLOUDFLARED); Cloudflare tunnels need it. {INSTALL_HINT}"
         )
     return found
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _child_env(**extra: str) -> dict[str, str]:
@@ -195,7 +188,7 @@ class QuickTunnel(_CloudflaredTunnel):
     async def open(self, ctx: TunnelContext) -> str:
         """Start cloudflared and return the trycloudflare.com URL once connected."""
         binary = self._begin(ctx)
-        self._metrics = f"127.0.0.1:{_free_port()}"
+        self._metrics = f"127.0.0.1:{pick_free_port()}"
         argv = [binary, "tunnel", "--no-autoupdate", "--config", os.devnull]
         argv += ["--url", ctx.local_url, "--metrics", self._metrics]
         return await self._run(ctx, argv, _child_env(), secrets=[])
@@ -290,7 +283,7 @@ class NamedTunnel(_CloudflaredTunnel):
         else:
             token, url = await self._from_backend(ctx)
             self._token_source = f"the Synth backend ({self.backend_url})"
-        self._metrics = f"127.0.0.1:{_free_port()}"
+        self._metrics = f"127.0.0.1:{pick_free_port()}"
         argv = [binary, "tunnel", "--no-autoupdate", "--config", os.devnull]
         argv += ["--metrics", self._metrics, "run"]
         self._log_url = url  # the URL is known up front; only the connection is awaited

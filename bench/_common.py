@@ -1,0 +1,19 @@
+"""Helpers shared by the benchmarks: README table markers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_readme_table(name: str, text: str) -> None:
+    """Replace the text between ``<!-- bench:NAME:start -->`` and ``...:end -->``."""
+    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+    readme = ROOT / "README.md"
+    content = readme.read_text()
+    if start not in content or end not in content:
+        raise SystemExit(f"README.md has no {start} ... {end} markers")
+    head, rest = content.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{text}\n{end}{tail}")
