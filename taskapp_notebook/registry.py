@@ -10,9 +10,7 @@ Hooks are installed on the first start, never at import:
 
 from __future__ import annotations
 
-import asyncio
 import atexit
-import concurrent.futures
 import logging
 import signal
 import sys
@@ -22,6 +20,9 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import asyncio
+    import concurrent.futures
+
     from .runner import InProcessTaskApp
 
 logger = logging.getLogger(__name__)
@@ -144,6 +145,8 @@ def _handle_signal(signum: int, frame: FrameType | None) -> None:
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
+    import asyncio  # not at import: %load_ext stays cheap outside a kernel
+
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
@@ -153,6 +156,8 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 async def _raise_when_stopped(
     pending: list[concurrent.futures.Future[None]], exc: BaseException
 ) -> None:
+    import asyncio
+
     await asyncio.wait([asyncio.wrap_future(f) for f in pending], timeout=30.0)
     asyncio.get_running_loop().call_soon(_raise, exc)  # out of run_forever, not a task
 
