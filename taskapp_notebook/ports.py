@@ -6,6 +6,7 @@ probe-then-bind race: the port is ours from the moment ``bind_listener`` returns
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -188,3 +189,57 @@ def _is_zombie(pid: int) -> bool:
         return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
+
+
+async def acquire_port(host: str, port: int, *, auto_find_port: bool) -> socket.socket:
+    """Bind ``port`` on ``host`` as the seed describes.
+
+    ``auto_find_port=True``: the next free port upward. ``False``: a *listening* process of
+    this user that holds the port is terminated (never this process, never a client, never
+    another user's); then PortInUseError if it is still busy, naming the holder.
+    """
+    if auto_find_port:
+        return bind_first_free(host, port)
+    try:
+        return bind_listener(host, port)
+    except OSError as exc:
+        if not is_addr_in_use(exc):
+            raise
+    holders = await asyncio.to_thread(listening_holders, port)
+    for holder in holders:
+        if holder.pid == os.getpid():
+            raise PortInUseError(
+                f"Port {port} on {host!r} is in use by this process (pid {holder.pid}), by a "
+                "server that taskapp_notebook did not start. Close it, pick another port, or "
+                "pass auto_find_port=True."
+            )
+        if holder.uid != os.getuid():
+            raise PortInUseError(
+                f"Port {port} on {host!r} is in use by {holder.describe()}, owned by another "
+                "user; not touching it. Pick another port or pass auto_find_port=True."
+            )
+        await asyncio.to_thread(terminate_holder, holder)
+    for _ in range(40):
+        try:
+            return bind_listener(host, port)
+        except OSError as exc:
+            if not is_addr_in_use(exc):
+                raise
+        await asyncio.sleep(0.025)
+    alive = [h for h in holders if _alive(h.pid)]
+    if alive:
+        why = f"is still in use by {'; '.join(h.describe() for h in alive)}"
+    elif holders:
+        why = ("is still busy although its holder has exited (the OS keeps the address while "
+               "old connections close; this can take up to a minute)")
+    else:
+        why = "is in use, and no listening process could be identified"
+    raise PortInUseError(
+        f"Port {port} on {host!r} {why}. Pick another port, wait, or pass auto_find_port=True."
+    )
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    return bool(psutil.pid_exists(pid)) and not _is_zombie(pid)

@@ -16,8 +16,8 @@ import concurrent.futures
 import contextlib
 import enum
 import logging
-import os
 import secrets
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,11 +25,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import registry
+from . import params, registry
 from .errors import (
     InvalidParameterError,
     ModeNotAvailableError,
-    PortInUseError,
     ServerStartError,
     StartError,
     TaskAppLoadError,
@@ -38,20 +37,11 @@ from .errors import (
 )
 from .health import HealthResult, auth_headers, wait_healthy
 from .loops import LoopThread, run_sync, running_loop
-from .ports import (
-    bind_first_free,
-    bind_listener,
-    is_addr_in_use,
-    listening_holders,
-    terminate_holder,
-    validate_host,
-    validate_port,
-)
+from .ports import acquire_port, validate_host, validate_port
 from .stats import ASGIApp, RequestStats
-from .tunnels.base import TUNNEL_MODES, Tunnel, TunnelContext, canonical_mode, create_tunnel
+from .tunnels.base import Tunnel, TunnelContext, create_tunnel
 
 if TYPE_CHECKING:
-    import socket
 
     from .contract import TaskAppConfig
     from .server import ServerHandle
@@ -105,55 +95,18 @@ class InProcessTaskApp:
         serve_on: ServeOn = "auto",
         name: str | None = None,
     ) -> None:
-        given = [
-            label
-            for label, value in (
-                ("app", app),
-                ("config", config),
-                ("config_factory", config_factory),
-                ("task_app_path", task_app_path),
-            )
-            if value is not None
-        ]
-        if len(given) != 1:
-            got = "none" if not given else " and ".join(given)
-            raise InvalidParameterError(
-                "Provide exactly one of app, config, config_factory or task_app_path "
-                f"(got {got})."
-            )
+        kind = params.check_one_input({
+            "app": app, "config": config, "config_factory": config_factory,
+            "task_app_path": task_app_path,
+        })
         self.port: int = validate_port(port)
         self.host: str = validate_host(host)
-        self.tunnel_mode: str = _validate_tunnel(tunnel_mode, tunnel_backend)
-        if self.tunnel_mode == "preconfigured" and not preconfigured_url:
-            raise InvalidParameterError(
-                "tunnel_mode='preconfigured' needs preconfigured_url= (the public URL that "
-                "already routes to this app), e.g. preconfigured_url='https://my.host'."
-            )
-        if preconfigured_url is not None and not str(preconfigured_url).startswith(
-            ("http://", "https://")
-        ):
-            raise InvalidParameterError(
-                f"preconfigured_url must start with http:// or https://, got "
-                f"{preconfigured_url!r}."
-            )
-        if bool(preconfigured_auth_header) != bool(preconfigured_auth_token):
-            raise InvalidParameterError(
-                "Pass preconfigured_auth_header and preconfigured_auth_token together."
-            )
-        if isinstance(health_check_timeout, bool) or not isinstance(
-            health_check_timeout, int | float
-        ) or not health_check_timeout > 0:  # also rejects NaN
-            raise InvalidParameterError(
-                f"health_check_timeout must be a positive number of seconds, got "
-                f"{health_check_timeout!r}."
-            )
-        if serve_on not in ("auto", "loop", "thread"):
-            raise InvalidParameterError(
-                f"serve_on must be 'auto', 'loop' or 'thread', got {serve_on!r}."
-            )
-        for label, callback in (("on_start", on_start), ("on_stop", on_stop)):
-            if callback is not None and not callable(callback):
-                raise InvalidParameterError(f"{label} must be callable, got {callback!r}.")
+        self.tunnel_mode: str = params.check_tunnel(tunnel_mode, tunnel_backend)
+        params.check_preconfigured(self.tunnel_mode, preconfigured_url,
+                                   preconfigured_auth_header, preconfigured_auth_token)
+        timeout = params.check_timeout(health_check_timeout)
+        params.check_serve_on(serve_on)
+        params.check_callbacks(on_start=on_start, on_stop=on_stop)
         task_path: Path | None = None
         if task_app_path is not None:
             from .loading import validate_task_app_path
@@ -169,15 +122,15 @@ class InProcessTaskApp:
         self.preconfigured_url = preconfigured_url
         self.preconfigured_auth_header = preconfigured_auth_header
         self._preconfigured_auth_token = preconfigured_auth_token
-        self.api_key, self.api_key_source = _resolve_api_key(api_key)
-        self.health_check_timeout = float(health_check_timeout)
+        self.api_key, self.api_key_source = params.resolve_api_key(api_key)
+        self.health_check_timeout = timeout
         self.auto_find_port = auto_find_port
         self.skip_tunnel_verification = skip_tunnel_verification
         self.force_new_tunnel = force_new_tunnel
         self.on_start = on_start
         self.on_stop = on_stop
         self.serve_on_requested: ServeOn = serve_on
-        self.name = name or _default_name(given[0], task_path)
+        self.name = name or _default_name(kind, task_path)
 
         self.url: str | None = None
         self.task_app_worker_token: str | None = None
@@ -194,6 +147,8 @@ class InProcessTaskApp:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: LoopThread | None = None
         self._listeners: list[Callable[[InProcessTaskApp], None]] = []
+        self._stopped = threading.Event()
+        self._stopped.set()
 
     # ------------------------------------------------------------------ public faces
 
@@ -223,6 +178,9 @@ class InProcessTaskApp:
     async def astart(self) -> InProcessTaskApp:
         """Start (from async code). Returns once healthy and the URL is known."""
         if self._begin_start():
+            other = self._instance_on_our_port()
+            if other is not None:
+                await other.astop()
             if self.serve_on == "thread":
                 thread = self._thread = LoopThread(f"taskapp-{self.name}")
                 try:
@@ -238,6 +196,9 @@ class InProcessTaskApp:
     def start(self) -> InProcessTaskApp:
         """Start (from sync code, including a notebook cell). Returns once healthy."""
         if self._begin_start():
+            other = self._instance_on_our_port()
+            if other is not None:
+                other.stop()
             if self.serve_on == "thread":
                 thread = self._thread = LoopThread(f"taskapp-{self.name}")
                 future = thread.submit(self._start_here())
@@ -255,8 +216,11 @@ class InProcessTaskApp:
         return self
 
     async def astop(self) -> None:
-        """Stop everything this instance started. Idempotent."""
+        """Stop everything this instance started. Idempotent; a stop already in progress
+        elsewhere is waited for."""
         if not self._begin_stop():
+            if self.state is AppState.STOPPING:
+                await asyncio.to_thread(self._stopped.wait, _STOP_TIMEOUT)
             return
         loop = self._loop
         try:
@@ -273,8 +237,13 @@ class InProcessTaskApp:
             self._after_stop()
 
     def stop(self) -> None:
-        """Stop everything this instance started (from sync code). Idempotent."""
+        """Stop everything this instance started (from sync code). Idempotent; a stop in
+        progress on another thread is waited for."""
         if not self._begin_stop():
+            loop = self._loop
+            on_own_loop = loop is not None and loop is running_loop()
+            if self.state is AppState.STOPPING and not on_own_loop:
+                self._stopped.wait(_STOP_TIMEOUT)
             return
         loop = self._loop
         try:
@@ -390,6 +359,18 @@ class InProcessTaskApp:
         self.port = self.requested_port
         return True
 
+    def _instance_on_our_port(self) -> InProcessTaskApp | None:
+        """With auto_find_port=False, another running app of this process on our port is
+        stopped (here, in the caller's context, where both loops can make progress)."""
+        if self.auto_find_port:
+            return None
+        other = registry.find_by_port(self.requested_port)
+        if other is None or other is self:
+            return None
+        logger.warning("Port %d is held by %r in this process; stopping it (auto_find_port="
+                       "False)", self.requested_port, other)
+        return other
+
     async def _start_here(self) -> None:
         """Start on the instance loop; undo everything on any failure."""
         self._loop = asyncio.get_running_loop()
@@ -400,7 +381,8 @@ class InProcessTaskApp:
             tunnel = self.tunnel = self._make_tunnel()
             tunnel.preflight(self._tunnel_context())
             asgi_app = await self._build_app()
-            sock = await self._acquire_socket()
+            sock = await acquire_port(self.host, self.requested_port,
+                                      auto_find_port=self.auto_find_port)
             self.port = sock.getsockname()[1]
             from .server import ServerHandle
             from .stats import InstrumentedApp
@@ -448,6 +430,7 @@ class InProcessTaskApp:
             return False
         if self.on_stop is not None and self.state is AppState.RUNNING:
             _call_back(self.on_stop, self, "on_stop")
+        self._stopped.clear()
         self._set_state(AppState.STOPPING)
         logger.info("Stopping task app %r", self.name)
         return True
@@ -461,6 +444,7 @@ class InProcessTaskApp:
         self.task_app_worker_token = None
         self.started_at = None
         self._set_state(AppState.STOPPED)
+        self._stopped.set()
         logger.info("Task app %r stopped", self.name)
 
     async def _teardown(self) -> None:
@@ -573,50 +557,6 @@ class InProcessTaskApp:
         asgi: ASGIApp = app
         return asgi
 
-    async def _acquire_socket(self) -> socket.socket:
-        host, port = self.host, self.requested_port
-        if self.auto_find_port:
-            return bind_first_free(host, port)
-        try:
-            return bind_listener(host, port)
-        except OSError as exc:
-            if not is_addr_in_use(exc):
-                raise
-        other = registry.find_by_port(port)
-        holders_text = ""
-        if other is not None and other is not self:
-            logger.warning("Port %d is held by %r in this process; stopping it", port, other)
-            await other.astop()
-        else:
-            holders = await asyncio.to_thread(listening_holders, port)
-            for holder in holders:
-                if holder.pid == os.getpid():
-                    raise PortInUseError(
-                        f"Port {port} on {host!r} is in use by this process (pid {holder.pid}), "
-                        "by a server that taskapp_notebook did not start. Close it, pick another "
-                        "port, or pass auto_find_port=True."
-                    )
-                if holder.uid != os.getuid():
-                    raise PortInUseError(
-                        f"Port {port} on {host!r} is in use by {holder.describe()}, owned by "
-                        "another user; not touching it. Pick another port or pass "
-                        "auto_find_port=True."
-                    )
-                await asyncio.to_thread(terminate_holder, holder)
-            holders_text = "; ".join(h.describe() for h in holders)
-        for _ in range(40):
-            try:
-                return bind_listener(host, port)
-            except OSError as exc:
-                if not is_addr_in_use(exc):
-                    raise
-            await asyncio.sleep(0.025)
-        by = f" by {holders_text}" if holders_text else ""
-        raise PortInUseError(
-            f"Port {port} on {host!r} is still in use{by}. Stop it, pick another port, or pass "
-            "auto_find_port=True."
-        )
-
     async def _verify_tunnel(self, tunnel: Tunnel) -> None:
         assert self.url is not None
         try:
@@ -631,27 +571,6 @@ class InProcessTaskApp:
                 f"The tunnel opened but does not reach the app: {exc} "
                 "Pass skip_tunnel_verification=True to start without this check."
             ) from exc
-
-
-def _validate_tunnel(tunnel_mode: str, tunnel_backend: Any | None) -> str:
-    if tunnel_backend is not None:
-        return canonical_mode(tunnel_backend)
-    mode = str(tunnel_mode).strip().lower() if isinstance(tunnel_mode, str) else tunnel_mode
-    if mode not in TUNNEL_MODES:
-        raise InvalidParameterError(
-            f"tunnel_mode must be one of {', '.join(map(repr, TUNNEL_MODES))}, got "
-            f"{tunnel_mode!r}."
-        )
-    return str(mode)
-
-
-def _resolve_api_key(api_key: str | None) -> tuple[str, str]:
-    if api_key:
-        return api_key, "argument"
-    env = os.environ.get("ENVIRONMENT_API_KEY")
-    if env:
-        return env, "ENVIRONMENT_API_KEY"
-    return secrets.token_urlsafe(32), "generated"
 
 
 def _default_name(kind: str, path: Path | None) -> str:

@@ -270,9 +270,9 @@ def test_preconfigured_auth_header_without_token_is_a_value_error() -> None:
         )
 
 
-@pytest.mark.parametrize("timeout", [0, -1.5, "30", True, None, float("nan")])
+@pytest.mark.parametrize("timeout", [0, -1.5, "30", True, None, float("nan"), float("inf")])
 def test_bad_health_check_timeout_is_a_value_error(timeout: Any) -> None:
-    with pytest.raises(ValueError, match="health_check_timeout must be a positive number"):
+    with pytest.raises(ValueError, match="health_check_timeout must be a positive, finite"):
         InProcessTaskApp(app=make_app(), tunnel_mode="local", health_check_timeout=timeout)
 
 
@@ -872,3 +872,32 @@ def test_start_error_is_a_runtime_error() -> None:
     assert issubclass(StartError, RuntimeError)
     assert issubclass(InvalidParameterError, ValueError)
     assert issubclass(TaskAppNotFoundError, FileNotFoundError)
+
+
+@pytest.mark.timeout(60)
+async def test_sync_start_on_a_loop_apps_loop_takes_its_port_without_deadlock(port: int) -> None:
+    # The in-process holder is stopped in the caller's context: from the server thread it
+    # would wait for this very loop, which is blocked in start().
+    first = InProcessTaskApp(app=make_app(), tunnel_mode="local", serve_on="loop", port=port,
+                             api_key="k")
+    await first.astart()
+    second = InProcessTaskApp(app=make_app(), tunnel_mode="local", serve_on="thread",
+                              port=port, auto_find_port=False, api_key="k")
+    second.start()
+    try:
+        assert first.state is AppState.STOPPED
+        assert second.is_running and second.port == port
+    finally:
+        second.stop()
+
+
+async def test_astop_waits_for_a_stop_already_in_progress(port: int) -> None:
+    app = InProcessTaskApp(app=make_app(), tunnel_mode="local", serve_on="thread", port=port,
+                           api_key="k")
+    await app.astart()
+    first = asyncio.create_task(app.astop())
+    await asyncio.sleep(0)  # the first stop has begun
+    assert app.state is AppState.STOPPING
+    await app.astop()  # returns only once the first one has finished
+    assert app.state is AppState.STOPPED
+    await first
