@@ -1,4 +1,4 @@
-"""Shared test helpers: free loopback ports, a process-wide leak check."""
+"""Shared test helpers: free loopback ports; process-wide hooks put back after each test."""
 
 from __future__ import annotations
 
@@ -30,3 +30,14 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 @pytest.fixture
 def port() -> Iterator[int]:
     yield free_port()
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_hooks() -> Iterator[None]:
+    """The first start installs SIGTERM/SIGINT handlers for the process; once no app is
+    left running, put the previous handlers back so tests stay independent of order."""
+    yield
+    from taskapp_notebook import registry
+
+    if not registry.running():
+        registry.uninstall_hooks()
