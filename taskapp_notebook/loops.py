@@ -89,9 +89,7 @@ def run_sync(
     here = running_loop()
     if here is loop:
         # A notebook cell (or sync callback) on the loop's own thread: nest.
-        import nest_asyncio2
-
-        nest_asyncio2.apply(loop)
+        make_reentrant(loop)
         return loop.run_until_complete(coro)
     if loop.is_running():
         return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
@@ -100,3 +98,20 @@ def run_sync(
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             return pool.submit(loop.run_until_complete, coro).result(timeout)
     return loop.run_until_complete(coro)
+
+
+def make_reentrant(loop: asyncio.AbstractEventLoop) -> None:
+    """Let ``loop.run_until_complete`` nest inside ``loop`` (nest-asyncio2), lazily.
+
+    nest-asyncio2 also replaces ``asyncio.run`` with a version that, on Python < 3.12, never
+    closes the loop it makes (each ``asyncio.run`` in a thread would leak a loop and its
+    sockets). We need only the loop patch, so unless the user patched asyncio themselves,
+    ``asyncio.run`` is put back as it was.
+    """
+    import nest_asyncio2
+
+    user_patched = hasattr(asyncio, "_nest_patched")
+    original_run = asyncio.run
+    nest_asyncio2.apply(loop, run_close_loop=True)
+    if not user_patched:
+        asyncio.run = original_run
