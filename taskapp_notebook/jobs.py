@@ -356,6 +356,19 @@ async def run_in_process_job(
     if tunnel_backend is None and tunnel_mode == "synthtunnel" and _is_loopback(base):
         logger.info("Backend %s is on this machine; serving the task app without a tunnel", base)
         tunnel_mode = "local"
+    if (
+        tunnel_backend is None
+        and tunnel_mode == "synthtunnel"
+        and base != resolve_backend_url(None)
+    ):
+        # The tunnel takes its lease from SYNTH_BACKEND_URL (as the seed specifies), not from
+        # backend_url; say so rather than lease from a different backend silently.
+        logger.warning(
+            "backend_url=%s is used for the job; the SynthTunnel lease still comes from "
+            "SYNTH_BACKEND_URL (%s). Set SYNTH_BACKEND_URL to lease from the same backend.",
+            base,
+            resolve_backend_url(None),
+        )
     # Fail on a bad job config or missing Synth key before starting anything.
     job_config = _load_job_config(config_path, config_dict)
     if not (api_key or os.environ.get("SYNTH_API_KEY", "").strip()):
