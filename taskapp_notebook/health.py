@@ -95,8 +95,14 @@ async def wait_healthy(
     timeout: float,
     what: str = "task app",
     client: httpx.AsyncClient | None = None,
+    local: bool = True,
 ) -> HealthResult:
-    """Poll ``GET {url}/health`` until 200 or ``timeout`` seconds; raise HealthCheckError."""
+    """Poll ``GET {url}/health`` until 200 or ``timeout`` seconds; raise HealthCheckError.
+
+    ``local=True`` (the app itself, already serving): 401/403 and 404/405 are final answers
+    and fail at once. Through a tunnel (``local=False``) they may be transient, so polling
+    goes on until the deadline.
+    """
 
     own_client = client is None
     if client is None:
@@ -116,7 +122,13 @@ async def wait_healthy(
             logger.debug("Health check %d of %s: %s", attempts, url, result.describe())
             if result.ok:
                 return result
-            if result.status == 401 or result.status == 403:
+            if local and result.status in (404, 405):
+                raise HealthCheckError(
+                    f"The {what} at {url} has no GET /health route (HTTP {result.status}). "
+                    "A task app must answer GET /health with 200; apps built from a "
+                    "TaskAppConfig get one from create_task_app."
+                )
+            if local and result.status in (401, 403):
                 raise HealthCheckError(
                     f"The {what} at {url} rejected the key (HTTP {result.status} on /health): "
                     "set ENVIRONMENT_API_KEY or pass api_key= with the key the app expects."

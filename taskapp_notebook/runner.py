@@ -565,6 +565,7 @@ class InProcessTaskApp:
                 tunnel.verification_headers(),
                 timeout=min(self.health_check_timeout, 60.0),
                 what=f"{tunnel.mode} tunnel",
+                local=False,
             )
         except StartError as exc:
             raise TunnelVerificationError(

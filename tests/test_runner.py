@@ -901,3 +901,17 @@ async def test_astop_waits_for_a_stop_already_in_progress(port: int) -> None:
     await app.astop()  # returns only once the first one has finished
     assert app.state is AppState.STOPPED
     await first
+
+
+@pytest.mark.parametrize("serve_on", ["thread", "loop"])
+async def test_app_without_health_route_fails_at_once_and_leaves_nothing(
+    serve_on: str, port: int
+) -> None:
+    no_health = FastAPI()  # no /health: a 404 is a final answer, not worth 30 s of polling
+    app = InProcessTaskApp(app=no_health, tunnel_mode="local", serve_on=serve_on, port=port,
+                           api_key="k", health_check_timeout=30.0)
+    with pytest.raises(RuntimeError, match=r"no GET /health route \(HTTP 404\)") as info:
+        await app.astart()
+    assert "30 s" not in str(info.value)
+    assert app.state is AppState.FAILED
+    assert port_is_free(port)
