@@ -12,6 +12,8 @@ import json
 import os
 import re
 import signal
+import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -284,6 +286,39 @@ async def test_response_headers_filtered_and_big_single_frame(
         assert r.headers.get("content-length") != "999" and "keep-alive" not in r.headers
     finally:
         await ws.close()
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux-only")
+async def test_agent_with_nagle_on_is_not_delayed_by_relay_acks(
+    relay: RelayServer, client: httpx.AsyncClient
+):
+    """The SDK's compiled agent leaves Nagle on (no TCP_NODELAY on its WebSocket): its
+    RESP_BODY waits for the ACK of RESP_HEADERS, which Linux delayed ~40 ms, so every
+    response took >= 40 ms (44 ms median vs 3 ms). The relay now ACKs agent reads at once."""
+    lease = await new_lease(client, relay)
+    ws = await attach_raw(lease)
+    ws.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+    lid = lease["lease_id"]
+    times = []
+    try:
+        for _ in range(11):
+            t0 = time.perf_counter()
+            get = client.get(lease["public_url"] + "/x", headers=worker(lease))
+            call = asyncio.create_task(get)
+            rid = (await next_frame(ws, "REQ_END"))["rid"]
+            head = {"type": "RESP_HEADERS", "lease_id": lid, "rid": rid, "status": 200,
+                    "headers": [["content-type", "text/plain"]]}
+            body = {"type": "RESP_BODY", "lease_id": lid, "rid": rid, "eof": False,
+                    "chunk_b64": base64.b64encode(b"ok").decode()}
+            for frame in (head, body, {"type": "RESP_END", "lease_id": lid, "rid": rid}):
+                await ws.send(json.dumps(frame))  # one small write each, as the SDK's agent
+            r = await call
+            times.append(time.perf_counter() - t0)
+            assert r.status_code == 200 and r.content == b"ok"
+    finally:
+        await ws.close()
+    # A delayed ACK is >= 40 ms on Linux; without it a round trip here takes a few ms.
+    assert statistics.median(times) < 0.025, [round(t * 1000, 1) for t in times]
 
 
 async def test_agent_offline_503(relay: RelayServer, client: httpx.AsyncClient):
