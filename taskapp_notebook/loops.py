@@ -80,9 +80,19 @@ class LoopThread:
 
 
 def run_sync(
-    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], timeout: float | None = None
+    loop: asyncio.AbstractEventLoop,
+    coro: Coroutine[Any, Any, T],
+    timeout: float | None = None,
+    *,
+    finish_on_interrupt: bool = False,
 ) -> T:
-    """Run ``coro`` on ``loop`` and wait for its result from synchronous code."""
+    """Run ``coro`` on ``loop`` and wait for its result from synchronous code.
+
+    When the wait is interrupted (KeyboardInterrupt from "Interrupt kernel") while nested on
+    the loop's own thread, the coroutine is cancelled and run to the end of its cleanup —
+    or, with ``finish_on_interrupt`` (stops), simply run to its end — before the interrupt
+    propagates, so it never keeps running unseen.
+    """
     if loop.is_closed():
         coro.close()
         raise RuntimeError("The event loop of this task app is closed.")
@@ -90,7 +100,16 @@ def run_sync(
     if here is loop:
         # A notebook cell (or sync callback) on the loop's own thread: nest.
         make_reentrant(loop)
-        return loop.run_until_complete(coro)
+        task = asyncio.ensure_future(coro, loop=loop)
+        try:
+            return loop.run_until_complete(task)
+        except BaseException:
+            if not task.done():
+                if not finish_on_interrupt:
+                    task.cancel()
+                with contextlib.suppress(BaseException):
+                    loop.run_until_complete(task)
+            raise
     if loop.is_running():
         return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
     if here is not None:

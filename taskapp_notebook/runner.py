@@ -149,6 +149,7 @@ class InProcessTaskApp:
         self._listeners: list[Callable[[InProcessTaskApp], None]] = []
         self._stopped = threading.Event()
         self._stopped.set()
+        self._stopping_thread: int | None = None
 
     # ------------------------------------------------------------------ public faces
 
@@ -217,48 +218,43 @@ class InProcessTaskApp:
 
     async def astop(self) -> None:
         """Stop everything this instance started. Idempotent; a stop already in progress
-        elsewhere is waited for."""
+        elsewhere is waited for. Cancelling the caller does not cut the stop short."""
         if not self._begin_stop():
-            if self.state is AppState.STOPPING:
+            if self.state is AppState.STOPPING:  # waiting in a worker thread blocks nothing
                 await asyncio.to_thread(self._stopped.wait, _STOP_TIMEOUT)
             return
         loop = self._loop
-        try:
-            if self._thread is not None:
-                await asyncio.wrap_future(self._thread.submit(self._stop_here()))
-                await asyncio.to_thread(self._close_thread)
-            elif loop is None or loop is running_loop():
-                await self._stop_here()
-            elif loop.is_closed():
-                self._stop_hard()
-            else:
-                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._stop_here(), loop))
-        finally:
-            self._after_stop()
+        if self._thread is not None:
+            await asyncio.shield(asyncio.ensure_future(asyncio.to_thread(self._stop_thread)))
+        elif loop is None or loop is running_loop():
+            await asyncio.shield(asyncio.ensure_future(self._stop_here()))
+        elif loop.is_closed():
+            self._stop_hard()
+        elif not loop.is_running():
+            await asyncio.to_thread(run_sync, loop, self._stop_here())
+        else:
+            future = asyncio.run_coroutine_threadsafe(self._stop_here(), loop)
+            await asyncio.shield(asyncio.wrap_future(future))
 
     def stop(self) -> None:
         """Stop everything this instance started (from sync code). Idempotent; a stop in
-        progress on another thread is waited for."""
+        progress on another thread is waited for. An interrupt while stopping lets the
+        stop finish first."""
         if not self._begin_stop():
-            loop = self._loop
-            on_own_loop = loop is not None and loop is running_loop()
-            if self.state is AppState.STOPPING and not on_own_loop:
-                self._stopped.wait(_STOP_TIMEOUT)
+            if self.state is AppState.STOPPING and not self._stopping_here():
+                loop = self._loop
+                if loop is None or loop is not running_loop():
+                    self._stopped.wait(_STOP_TIMEOUT)
             return
         loop = self._loop
-        try:
-            if self._thread is not None:
-                with contextlib.suppress(Exception):
-                    self._thread.submit(self._stop_here()).result(_STOP_TIMEOUT)
-                self._close_thread()
-            elif loop is None:
-                pass
-            elif loop.is_closed():
-                self._stop_hard()
-            else:
-                run_sync(loop, self._stop_here(), timeout=_STOP_TIMEOUT)
-        finally:
+        if self._thread is not None:
+            self._stop_thread()
+        elif loop is None:
             self._after_stop()
+        elif loop.is_closed():
+            self._stop_hard()
+        else:
+            run_sync(loop, self._stop_here(), timeout=_STOP_TIMEOUT, finish_on_interrupt=True)
 
     # ------------------------------------------------------------------ observation
 
@@ -357,6 +353,9 @@ class InProcessTaskApp:
                 "thread"
             )
         self.port = self.requested_port
+        # Registered from the start, so stop_all / kernel shutdown / signals see an app even
+        # while it is starting (or if an interrupt leaves its start running).
+        registry.register(self)
         return True
 
     def _instance_on_our_port(self) -> InProcessTaskApp | None:
@@ -411,6 +410,7 @@ class InProcessTaskApp:
             with contextlib.suppress(BaseException):
                 await asyncio.shield(self._teardown())
             self.url = self.task_app_worker_token = None
+            registry.unregister(self)
             self._set_state(AppState.FAILED, error=_describe(exc))
             logger.info("Task app %r failed to start: %s", self.name, _describe(exc))
             raise
@@ -419,7 +419,6 @@ class InProcessTaskApp:
         logger.info("Task app %r running at %s (local %s)", self.name, self.url, self.local_url)
 
     def _after_start(self) -> None:
-        registry.register(self)
         if self.on_start is not None:
             _call_back(self.on_start, self, "on_start")
 
@@ -431,18 +430,46 @@ class InProcessTaskApp:
         if self.on_stop is not None and self.state is AppState.RUNNING:
             _call_back(self.on_stop, self, "on_stop")
         self._stopped.clear()
+        self._stopping_thread = threading.get_ident()
         self._set_state(AppState.STOPPING)
         logger.info("Stopping task app %r", self.name)
         return True
 
+    def _stopping_here(self) -> bool:
+        """True when this very thread is the one stopping (a signal handler nested in it)."""
+        return self._stopping_thread == threading.get_ident()
+
     async def _stop_here(self) -> None:
-        await self._teardown()
+        """Teardown on the instance loop, then mark stopped (even if cut short)."""
+        try:
+            await self._teardown()
+        finally:
+            self._after_stop()
+
+    def _stop_thread(self) -> None:
+        """Thread mode: teardown on the server thread, then close it. Blocking; an interrupt
+        while waiting lets the teardown finish first, then propagates."""
+        thread = self._thread
+        assert thread is not None
+        future = thread.submit(self._teardown())
+        try:
+            future.result(_STOP_TIMEOUT)
+        except BaseException as exc:
+            with contextlib.suppress(BaseException):
+                future.result(_STOP_TIMEOUT)
+            if not isinstance(exc, Exception):
+                raise
+            logger.warning("Error while stopping %r: %s", self, _describe(exc))
+        finally:
+            self._close_thread()
+            self._after_stop()
 
     def _after_stop(self) -> None:
         registry.unregister(self)
         self.url = None
         self.task_app_worker_token = None
         self.started_at = None
+        self._stopping_thread = None
         self._set_state(AppState.STOPPED)
         self._stopped.set()
         logger.info("Task app %r stopped", self.name)
@@ -463,17 +490,37 @@ class InProcessTaskApp:
                 logger.warning("Error while stopping the server", exc_info=True)
 
     def _stop_hard(self) -> None:
-        """Last resort when the loop is gone: free the port."""
+        """The loop is gone (e.g. at exit after asyncio.run): free the port, and close the
+        tunnel on a fresh loop so a lease is deleted and a subprocess reaped."""
         server, self._server = self._server, None
         if server is not None:
             server.close_listener()
+        tunnel = self.tunnel
+        if tunnel is not None:
+
+            def close_tunnel() -> None:
+                try:
+                    asyncio.run(tunnel.close())
+                except Exception:  # noqa: BLE001
+                    logger.warning("Error while closing the %s tunnel", tunnel.mode,
+                                   exc_info=True)
+
+            if running_loop() is None:
+                close_tunnel()
+            else:
+                helper = threading.Thread(target=close_tunnel, name="taskapp-close-tunnel")
+                helper.start()
+                helper.join(_STOP_TIMEOUT)
+        self._after_stop()
 
     def _stop_from_signal(self) -> concurrent.futures.Future[None] | None:
         """Called from a signal handler on the main thread.
 
         Returns the rest of the stop when it was scheduled on the running loop (loop mode),
-        None when the app is already stopped.
+        None when the app is already stopped or stopping.
         """
+        if self.state is AppState.STOPPING:
+            return None  # a second Ctrl-C / SIGTERM while stopping: let that stop finish
         if self._thread is not None or self._loop is None or not self._loop.is_running():
             self.stop()
             return None

@@ -383,7 +383,7 @@ import pathlib
 _marker = pathlib.Path({path!r})
 def _record(app):
     import threading
-    if str(app.state) == "stopped":
+    if str(app.state) == "stopping":  # recorded by the thread that initiated the stop
         with _marker.open("a") as f:
             f.write(f"{{app.name}}@{{threading.current_thread().name}}\\n")
 from taskapp_notebook import registry

@@ -1,0 +1,83 @@
+"""Stops from unusual places: an idle loop, a cancelled caller, a closed loop at exit."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from taskapp_notebook import AppState, InProcessTaskApp
+from taskapp_notebook.relay import RelayServer
+from tests.conftest import free_port, port_is_free
+
+
+def make_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> dict[str, bool]:
+        return {"healthy": True}
+
+    return app
+
+
+def wait_for(check: Callable[[], bool], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not check():
+        time.sleep(0.01)
+    return check()
+
+
+def test_astop_from_another_loop_while_the_apps_loop_is_idle() -> None:
+    port = free_port()
+    own_loop = asyncio.new_event_loop()
+    app = InProcessTaskApp(app=make_app(), tunnel_mode="local", serve_on="loop", port=port,
+                           api_key="k")
+    try:
+        own_loop.run_until_complete(app.astart())  # the app's loop now sits idle
+        asyncio.run(asyncio.wait_for(app.astop(), 20))
+        assert app.state is AppState.STOPPED
+        assert port_is_free(port)
+    finally:
+        own_loop.close()
+
+
+async def test_cancelled_astop_still_finishes_the_stop() -> None:
+    port = free_port()
+    app = InProcessTaskApp(app=make_app(), tunnel_mode="local", serve_on="thread", port=port,
+                           api_key="k")
+    await app.astart()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(app.astop(), 0.0001)
+    await asyncio.to_thread(wait_for, lambda: app.state is AppState.STOPPED)
+    assert app.state is AppState.STOPPED
+    assert app._thread is None  # the server thread was closed, not leaked
+    assert port_is_free(port)
+    await app.astart()  # and it can start again
+    assert app.is_running
+    await app.astop()
+
+
+def test_stop_after_the_loop_closed_deletes_the_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    with RelayServer(api_keys=["relay-key"]) as relay:
+        monkeypatch.setenv("SYNTH_BACKEND_URL", relay.url)
+        monkeypatch.setenv("SYNTH_API_KEY", "relay-key")
+        port = free_port()
+        app = InProcessTaskApp(app=make_app(), serve_on="loop", port=port, api_key="k")
+
+        async def start_and_leave() -> str:
+            await app.astart()
+            lease = getattr(app.tunnel, "lease", None)
+            return str(getattr(lease, "lease_id", ""))
+
+        lease_id = asyncio.run(start_and_leave())  # asyncio.run closes the app's loop
+        assert lease_id and app.is_running
+        app.stop()  # what atexit does: the loop is gone, the tunnel must still close
+        assert app.state is AppState.STOPPED and port_is_free(port)
+        gone = httpx.get(f"{relay.url}/api/v1/synthtunnel/leases/{lease_id}", trust_env=False,
+                         headers={"Authorization": "Bearer relay-key"})
+        assert gone.status_code in (404, 410)
