@@ -83,3 +83,11 @@ def mask_secret(value: str | None, *, keep: int = 4) -> str:
     if len(value) <= keep * 2:
         return "…" + "*" * 4
     return "…" + value[-keep:]
+
+
+def scrub_secrets(text: str, secrets: Sequence[str | None]) -> str:
+    """``text`` with every occurrence of each secret (4+ characters) masked."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, mask_secret(secret))
+    return text

@@ -64,9 +64,9 @@ def auth_headers(api_key: str, *, internal: bool = False) -> dict[str, str]:
     """
     headers = {"X-API-Key": api_key, "Authorization": f"Bearer {api_key}"}
     if internal:
-        from .stats import INTERNAL_HEADER
+        from .stats import INTERNAL_HEADER, INTERNAL_VALUE
 
-        headers[INTERNAL_HEADER] = "1"
+        headers[INTERNAL_HEADER] = INTERNAL_VALUE
     return headers
 
 

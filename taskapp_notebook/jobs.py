@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from .errors import InvalidParameterError, TaskAppError
+from .errors import InvalidParameterError, TaskAppError, scrub_secrets
 
 __all__ = [
     "InProcessJobResult",
@@ -278,6 +278,31 @@ async def submit_and_poll_job(
     headers = {"Authorization": f"Bearer {synth_key}"}
     if task_app_worker_token:
         headers[WORKER_TOKEN_HEADER] = task_app_worker_token
+    try:
+        return await _submit_and_poll(
+            job_type, payload, headers, base, task_app_url, task_app_worker_token,
+            poll=poll, poll_interval=poll_interval, timeout=timeout, on_status=on_status,
+        )
+    except JobError as exc:
+        # Backends echo request bodies in their errors (FastAPI's 422 does): never let the
+        # worker token or either key reach the message in full.
+        secrets = (synth_key, task_app_api_key, task_app_worker_token)
+        raise type(exc)(scrub_secrets(str(exc), secrets)) from exc.__cause__
+
+
+async def _submit_and_poll(
+    job_type: str,
+    payload: dict[str, Any],
+    headers: dict[str, str],
+    base: str,
+    task_app_url: str,
+    task_app_worker_token: str | None,
+    *,
+    poll: bool,
+    poll_interval: float,
+    timeout: float,
+    on_status: Callable[[dict[str, Any]], None] | None,
+) -> InProcessJobResult:
     create_path, status_path = JOB_ENDPOINTS[job_type]
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60.0) as client:
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hmac
+import secrets
 import threading
 import time
 from collections import deque
@@ -15,9 +17,11 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-#: Requests carrying this header (our own health checks) are not counted in the stats.
+#: Our own health checks carry this header with this process's random value, and are not
+#: counted in the stats (a caller cannot hide requests without knowing the value).
 INTERNAL_HEADER = "x-taskapp-internal"
-_INTERNAL_HEADER_BYTES = INTERNAL_HEADER.encode()
+INTERNAL_VALUE = secrets.token_hex(16)
+_INTERNAL = (INTERNAL_HEADER.encode(), INTERNAL_VALUE.encode())
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,10 @@ class InstrumentedApp:
 
 
 def _is_internal(scope: Scope) -> bool:
-    return any(name == _INTERNAL_HEADER_BYTES for name, _ in scope.get("headers", ()))
+    return any(
+        name == _INTERNAL[0] and hmac.compare_digest(value, _INTERNAL[1])
+        for name, value in scope.get("headers", ())
+    )
 
 
 def _last_line(text: str) -> str:

@@ -20,11 +20,11 @@ import httpx
 import pytest
 import uvicorn
 from conftest import free_port
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from taskapp_notebook.contract import TaskAppConfig, create_task_app
-from taskapp_notebook.errors import InvalidParameterError
+from taskapp_notebook.errors import InvalidParameterError, mask_secret
 from taskapp_notebook.jobs import (
     JobError,
     JobTimeoutError,
@@ -398,3 +398,29 @@ def test_sync_wrapper(backend: tuple[FakeJobBackend, str]) -> None:
 async def test_sync_wrapper_refuses_a_running_loop() -> None:
     with pytest.raises(RuntimeError, match="await run_in_process_job"):
         run_in_process_job_sync(config=task_config(), config_dict={})
+
+
+async def test_backend_errors_that_echo_the_request_never_show_secrets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # FastAPI's own 422 echoes the offending input; a backend may echo the whole body.
+    echo = FastAPI()
+
+    @echo.post("/api/prompt-learning/online/jobs")
+    async def reject(request: Request) -> Response:
+        return Response(await request.body(), status_code=422, media_type="application/json")
+
+    monkeypatch.delenv("SYNTH_API_KEY", raising=False)
+    worker, app_key, synth = "worker-token-abcdef123456", "app-key-abcdef123456", "synth-key-9876"
+    with serve(echo) as base:
+        with pytest.raises(JobError) as info:
+            await submit_and_poll_job(
+                task_app_url="http://127.0.0.1:9/", task_app_api_key=app_key,
+                task_app_worker_token=worker, config_dict={"prompt_learning": {}},
+                backend_url=base, api_key=synth,
+            )
+    message = str(info.value)
+    assert "HTTP 422" in message
+    for secret in (worker, app_key):
+        assert secret not in message
+        assert mask_secret(secret) in message  # it was there, masked

@@ -35,7 +35,9 @@ async def test_stats_skip_internal_health_checks_and_count_errors() -> None:
             assert internal.status_code == 200
             assert task_app.stats.count == 0
             assert (await client.get("/health", headers=auth_headers("k"))).status_code == 200
+            forged = {**auth_headers("k"), "x-taskapp-internal": "1"}  # callers can't hide
+            assert (await client.get("/health", headers=forged)).status_code == 200
             assert (await client.get("/boom")).status_code == 500
         snapshot = task_app.snapshot()
-        assert (snapshot["requests"], snapshot["errors"]) == (2, 1)
-        assert [r.path for r in task_app.stats.recent] == ["/health", "/boom"]
+        assert (snapshot["requests"], snapshot["errors"]) == (3, 1)
+        assert [r.path for r in task_app.stats.recent] == ["/health", "/health", "/boom"]
