@@ -26,6 +26,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -296,6 +297,22 @@ def make_app(state: dict[str, Any]) -> FastAPI:
             received += chunk
             state["upload_bytes"] = len(received)
         return Response(bytes(received), media_type="application/octet-stream")
+
+    @app.post("/slow-upload")
+    async def slow_upload(request: Request) -> Response:
+        """Sleeps until the test sets ``state["gate"]``, then reads the body."""
+        rid = request.headers.get("x-synthtunnel-request-id", "")
+        state.setdefault("slow_started", []).append(rid)
+        await state["gate"].wait()
+        digest, size = hashlib.sha256(), 0
+        try:
+            async for chunk in request.stream():
+                digest.update(chunk)
+                size += len(chunk)
+        except ClientDisconnect:
+            state.setdefault("slow_disconnected", []).append(rid)
+            return Response(status_code=499)
+        return JSONResponse({"size": size, "sha256": digest.hexdigest()})
 
     @app.get("/hold")
     async def hold(request: Request) -> Response:
@@ -986,6 +1003,164 @@ async def test_end_to_end_through_the_real_relay(
             headers={"Authorization": f"Bearer {real_relay.api_key}"},
         )
     assert gone.status_code in (404, 410)
+
+
+# -- request bodies: bounded buffers ---------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+async def _upload(conn: AgentConn, rid: str, payload: bytes) -> None:
+    """Send ``payload`` as REQ_BODY frames then REQ_END (waits when the agent pushes back)."""
+    await conn.send_body(rid, payload)
+    await conn.send({"type": "REQ_END", "rid": rid})
+
+
+async def test_a_sleeping_app_fails_only_its_upload_and_the_buffer_stays_bounded(
+    relay: SynthTunnelTestRelay, ctx: TunnelContext, app_state: tuple[dict[str, Any], int]
+) -> None:
+    """A 16 MiB upload to a handler that sleeps before reading: at most 1 MiB of it is ever
+    buffered by the agent, the request ends with REQUEST_BODY_OVERFLOW, and requests sent
+    behind the upload's frames complete while the handler is still asleep."""
+    state, _ = app_state
+    gate = state["gate"] = asyncio.Event()
+    st = SynthTunnel(request_buffer_bytes=MiB, agent_buffer_bytes=4 * MiB, body_stall_timeout=0.2)
+    await st.open(ctx)
+    try:
+        agent, conn = st.agent, only_conn(relay)
+        assert agent is not None
+        payload = secrets.token_bytes(16 * MiB)
+        await conn.request("up", "POST", "/slow-upload", end=False)
+        await wait_until(lambda: "up" in agent.inflight)
+        request = agent.inflight["up"]
+        uploading = asyncio.create_task(_upload(conn, "up", payload))
+        await wait_until(lambda: agent.body_stalls >= 1)
+        await wait_until(lambda: "up" in state.get("slow_started", []))
+        for rid in ("e1", "e2", "e3"):  # queued behind the upload on the same WebSocket
+            await conn.request(rid, "GET", "/echo")
+        frames = await conn.response("up")
+        assert [f["type"] for f in frames] == ["RESP_ERROR"]
+        assert frames[0]["code"] == "REQUEST_BODY_OVERFLOW" and frames[0]["lease_id"] == "lease_1"
+        assert "request_buffer_bytes=1048576" in frames[0]["message"]
+        for rid in ("e1", "e2", "e3"):
+            assert (await conn.response(rid))[-1]["type"] == "RESP_END"
+        await uploading  # the agent drops the rest of the body without waiting
+        assert not gate.is_set()  # all of that while the handler slept
+        assert 0 < request.peak_buffered_bytes <= MiB
+        assert agent.body_budget.peak <= MiB
+        assert agent.body_overflows == 1 and agent.body_budget.used == 0
+        assert request.buffered_bytes == 0 and "up" not in agent.inflight
+        gate.set()  # the handler wakes up to a request the agent aborted
+        await wait_until(lambda: "up" in state.get("slow_disconnected", []))
+        assert conn.frames("up") == frames  # nothing more for the failed rid
+    finally:
+        gate.set()
+        await st.close()
+
+
+async def test_an_app_that_reads_late_gets_the_upload_intact_through_back_pressure(
+    relay: SynthTunnelTestRelay, ctx: TunnelContext, app_state: tuple[dict[str, Any], int]
+) -> None:
+    """Within ``body_stall_timeout`` the agent stops reading the WebSocket instead of
+    buffering: the relay's sends wait, and the whole body reaches the app once it reads."""
+    state, _ = app_state
+    gate = state["gate"] = asyncio.Event()
+    st = SynthTunnel(request_buffer_bytes=256 * 1024, agent_buffer_bytes=MiB, body_stall_timeout=60)
+    await st.open(ctx)
+    try:
+        agent, conn = st.agent, only_conn(relay)
+        assert agent is not None
+        assert agent.body_stall_timeout == 10.0  # capped at half the ping timeout (20 s)
+        payload = secrets.token_bytes(12 * MiB)
+        await conn.request("up", "POST", "/slow-upload", end=False)
+        await wait_until(lambda: "up" in agent.inflight)
+        request = agent.inflight["up"]
+        uploading = asyncio.create_task(_upload(conn, "up", payload))
+        await wait_until(lambda: agent.body_stalls >= 1)  # full, and the app reads nothing
+        assert request.buffered_bytes <= 256 * 1024 and not uploading.done()
+        await conn.request("e1", "GET", "/echo")  # waits behind the upload, then completes
+        gate.set()
+        frames = await conn.response("up", timeout=30)
+        assert frames[0]["status"] == 200 and frames[-1]["type"] == "RESP_END"
+        seen = json.loads(body_of(frames))
+        assert seen == {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+        assert (await conn.response("e1"))[-1]["type"] == "RESP_END"
+        await uploading
+        assert 0 < request.peak_buffered_bytes <= 256 * 1024
+        assert agent.body_budget.peak <= 256 * 1024
+        assert agent.body_overflows == 0 and agent.body_budget.used == 0
+    finally:
+        gate.set()
+        await st.close()
+
+
+async def test_past_the_agent_bound_the_biggest_buffer_fails_and_the_rest_go_on(
+    relay: SynthTunnelTestRelay, ctx: TunnelContext, app_state: tuple[dict[str, Any], int]
+) -> None:
+    """Bodies under 64 KiB stay in the agent until REQ_END, so the buffered bytes are
+    exact: 60 + 40 KiB buffered, 30 KiB more do not fit the agent's 128 KiB. The largest
+    buffer (not the request whose chunk did not fit) fails; the others arrive intact."""
+    state, _ = app_state
+    kib = 1024
+    st = SynthTunnel(
+        request_buffer_bytes=128 * kib, agent_buffer_bytes=128 * kib, body_stall_timeout=0.2
+    )
+    await st.open(ctx)
+    try:
+        agent, conn = st.agent, only_conn(relay)
+        assert agent is not None
+        bodies = {rid: secrets.token_bytes(n * kib) for rid, n in (("a", 60), ("b", 40), ("c", 30))}
+        for rid in ("a", "b"):
+            await conn.request(rid, "POST", "/upload", body=bodies[rid], end=False)
+        await wait_until(lambda: agent.body_budget.used == 100 * kib)
+        await conn.request("c", "POST", "/upload", body=bodies["c"], end=False)
+        frames = await conn.response("a")
+        assert [f["type"] for f in frames] == ["RESP_ERROR"]
+        assert frames[0]["code"] == "REQUEST_BODY_OVERFLOW"
+        assert "agent_buffer_bytes=131072" in frames[0]["message"]
+        await wait_until(lambda: agent.body_budget.used == 70 * kib)
+        assert agent.body_budget.peak == 100 * kib and agent.body_overflows == 1
+        for rid in ("b", "c"):
+            await conn.send({"type": "REQ_END", "rid": rid})
+            frames = await conn.response(rid)
+            assert frames[-1]["type"] == "RESP_END" and body_of(frames) == bodies[rid]
+        assert state["upload_headers"].get("content-length") == str(30 * kib)
+        assert agent.body_budget.used == 0 and agent.inflight == {}
+    finally:
+        await st.close()
+
+
+async def test_cancel_and_deadline_free_a_buffered_body(
+    relay: SynthTunnelTestRelay, ctx: TunnelContext, app_state: tuple[dict[str, Any], int]
+) -> None:
+    state, _ = app_state
+    st = SynthTunnel(request_buffer_bytes=128 * 1024, agent_buffer_bytes=128 * 1024)
+    await st.open(ctx)
+    try:
+        agent, conn = st.agent, only_conn(relay)
+        assert agent is not None
+        await conn.request("c1", "POST", "/upload", body=b"x" * 50_000, end=False)
+        await wait_until(lambda: agent.body_budget.used == 50_000)
+        await conn.send({"type": "CANCEL", "rid": "c1"})
+        await wait_until(lambda: agent.body_budget.used == 0 and "c1" not in agent.inflight)
+        await conn.request("d1", "POST", "/upload", body=b"y" * 50_000, end=False, deadline_ms=200)
+        frames = await conn.response("d1")
+        assert [f["code"] for f in frames] == ["DEADLINE_EXCEEDED"]
+        assert agent.body_budget.used == 0 and agent.inflight == {}
+        assert conn.frames("c1") == []
+        await conn.request("r", "POST", "/upload", body=b"z" * 100_000)
+        assert body_of(await conn.response("r")) == b"z" * 100_000
+    finally:
+        await st.close()
+
+
+def test_body_bounds_are_validated() -> None:
+    with pytest.raises(ValueError, match="request_buffer_bytes must be at least 131072"):
+        SynthTunnel(request_buffer_bytes=65536)
+    with pytest.raises(ValueError, match="agent_buffer_bytes"):
+        SynthTunnel(request_buffer_bytes=8 * MiB, agent_buffer_bytes=4 * MiB)
+    with pytest.raises(ValueError, match="body_stall_timeout"):
+        SynthTunnel(body_stall_timeout=-1)
 
 
 def test_resp_body_frames_equal_json_dumps_and_bad_base64_is_rejected():

@@ -28,6 +28,12 @@ import httpx
 from ..errors import TunnelError, mask_secret
 from .base import TunnelContext, TunnelState, TunnelStatus
 from .synthtunnel_agent import LeaseAgent
+from .synthtunnel_forward import (
+    AGENT_BUFFER_BYTES,
+    BODY_STALL_TIMEOUT,
+    REQUEST_BUFFER_BYTES,
+    check_body_bounds,
+)
 from .synthtunnel_leases import (
     DEFAULT_TTL_SECONDS,
     Lease,
@@ -61,7 +67,11 @@ class SynthTunnel:
         ping_timeout: float = 20.0,
         drain_timeout: float = 30.0,
         delete_timeout: float = 10.0,
+        request_buffer_bytes: int = REQUEST_BUFFER_BYTES,
+        agent_buffer_bytes: int = AGENT_BUFFER_BYTES,
+        body_stall_timeout: float = BODY_STALL_TIMEOUT,
     ) -> None:
+        check_body_bounds(request_buffer_bytes, agent_buffer_bytes, body_stall_timeout)
         self.url: str | None = None
         self.worker_token: str | None = None
         self.status = TunnelStatus()
@@ -74,6 +84,10 @@ class SynthTunnel:
         self.ping_timeout = ping_timeout
         self.drain_timeout = drain_timeout
         self.delete_timeout = delete_timeout
+        #: Bounds on buffered request bodies (see ``synthtunnel_forward``).
+        self.request_buffer_bytes = request_buffer_bytes
+        self.agent_buffer_bytes = agent_buffer_bytes
+        self.body_stall_timeout = body_stall_timeout
         self._settings: LeaseSettings | None = None
         self._leases: LeaseClient | None = None
         self._ctx: TunnelContext | None = None
@@ -179,6 +193,9 @@ class SynthTunnel:
             on_state=self._on_agent_state,
             on_event=self._event,
             on_lease_gone=self._on_lease_gone,
+            request_buffer_bytes=self.request_buffer_bytes,
+            agent_buffer_bytes=self.agent_buffer_bytes,
+            body_stall_timeout=self.body_stall_timeout,
         )
         try:
             ws = await agent.connect()

@@ -2,7 +2,10 @@
 
 ``LeaseAgent.connect()`` opens the WebSocket and ATTACHes; ``start()`` runs the receive loop
 as a task that reconnects (0.25, 0.5, 1, 2, 4, then every 5 s) until ``close()``. Each
-request is a task (``synthtunnel_forward``); ``max_inflight`` and CANCEL are enforced here.
+request is a task (``synthtunnel_forward``); ``max_inflight`` and CANCEL are enforced here,
+and so are the bounds on buffered request bodies: a REQ_BODY that does not fit makes the
+receive loop wait for the app at most ``body_stall_timeout``, then the request with the
+most buffered bytes fails with ``REQUEST_BODY_OVERFLOW`` (why: ``synthtunnel_forward``).
 """
 
 from __future__ import annotations
@@ -21,11 +24,19 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 
 from ..errors import TunnelError
 from .base import TunnelState
-from .synthtunnel_forward import ForwardedRequest
+from .synthtunnel_forward import (
+    AGENT_BUFFER_BYTES,
+    BODY_STALL_TIMEOUT,
+    REQUEST_BUFFER_BYTES,
+    BodyBudget,
+    ForwardedRequest,
+    check_body_bounds,
+)
 from .synthtunnel_frames import (
     AGENT_OVERLOADED,
     BAD_REQUEST_FRAME,
     MAX_MESSAGE_BYTES,
+    REQUEST_BODY_OVERFLOW,
     FrameError,
     attach,
     b64decode,
@@ -89,7 +100,11 @@ class LeaseAgent:
         on_state: Callable[[LeaseAgent, TunnelState, str | None], None],
         on_event: Callable[[str], None],
         on_lease_gone: Callable[[LeaseAgent], None],
+        request_buffer_bytes: int = REQUEST_BUFFER_BYTES,
+        agent_buffer_bytes: int = AGENT_BUFFER_BYTES,
+        body_stall_timeout: float = BODY_STALL_TIMEOUT,
     ) -> None:
+        check_body_bounds(request_buffer_bytes, agent_buffer_bytes, body_stall_timeout)
         self.lease = lease
         self.agent_id = agent_id
         self.local_base = httpx.URL(local_url)
@@ -105,6 +120,17 @@ class LeaseAgent:
         self.on_state = on_state
         self.on_event = on_event
         self.on_lease_gone = on_lease_gone
+        self.request_buffer_bytes = request_buffer_bytes
+        #: Request-body bytes buffered across this agent's requests (``used``, ``peak``).
+        self.body_budget = BodyBudget(agent_buffer_bytes)
+        # Waiting longer would let our own pings (and the relay's) time out meanwhile.
+        self.body_stall_timeout = (
+            min(body_stall_timeout, ping_timeout / 2) if ping_timeout else body_stall_timeout
+        )
+        #: How often the receive loop waited for an app to take body bytes, and how many
+        #: requests it failed with REQUEST_BODY_OVERFLOW.
+        self.body_stalls = 0
+        self.body_overflows = 0
         #: Seconds each reconnect took, from the drop to the new ATTACH_ACK.
         self.reconnect_durations: list[float] = []
         self.inflight: dict[str, ForwardedRequest] = {}
@@ -306,7 +332,13 @@ class LeaseAgent:
             return
         try:
             request = ForwardedRequest.from_frame(
-                frame, lease_id=lease_id, rid=rid, local=self.local_base, api_key=self.api_key
+                frame,
+                lease_id=lease_id,
+                rid=rid,
+                local=self.local_base,
+                api_key=self.api_key,
+                budget=self.body_budget,
+                max_buffered=self.request_buffer_bytes,
             )
         except FrameError as exc:
             await self._send(ws, resp_error(lease_id, rid, BAD_REQUEST_FRAME, str(exc)))
@@ -329,7 +361,13 @@ class LeaseAgent:
             return
         try:
             if kind == "REQ_BODY":
-                request.feed(b64decode(frame.get("chunk_b64")))
+                request.check_body()
+                data = b64decode(frame.get("chunk_b64"))
+                if not self._fits(request, len(data)) and not await self._make_room(
+                    ws, request, len(data)
+                ):
+                    return  # the request ended or was failed meanwhile: drop the chunk
+                request.feed(data)
             else:
                 request.end()
         except FrameError as exc:
@@ -338,12 +376,55 @@ class LeaseAgent:
                 ws, resp_error(request.lease_id, request.rid, BAD_REQUEST_FRAME, f"{kind}: {exc}")
             )
 
+    def _fits(self, request: ForwardedRequest, size: int) -> bool:
+        return request.fits(size) and self.body_budget.fits(size)
+
+    async def _make_room(self, ws: ClientConnection, request: ForwardedRequest, size: int) -> bool:
+        """Wait (at most ``body_stall_timeout``) until ``size`` more body bytes of ``request``
+        fit; then fail the biggest buffers until they do. True when ``request`` can take
+        them, False when it is over (finished, cancelled or failed)."""
+        self.body_stalls += 1
+        logger.debug("SynthTunnel: request %s waits for the app to take its body", request.rid)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.body_stall_timeout):
+                while self._live(request) and not self._fits(request, size):
+                    await self.body_budget.released()
+        while self._live(request) and not self._fits(request, size):
+            if request.fits(size):
+                # The agent's bound: the request holding the most goes (ties: this one).
+                victim = max(self.inflight.values(), key=lambda r: (r.buffered_bytes, r is request))
+                bound = f"agent_buffer_bytes={self.body_budget.limit} across its requests"
+            else:
+                victim = request
+                bound = f"request_buffer_bytes={request.max_buffered}"
+            await self._overflow(ws, victim, bound)
+        return self._live(request)
+
+    def _live(self, request: ForwardedRequest) -> bool:
+        return self.inflight.get(request.rid) is request
+
+    async def _overflow(self, ws: ClientConnection, request: ForwardedRequest, bound: str) -> None:
+        """Abort ``request``, whose app is not taking its body, with REQUEST_BODY_OVERFLOW."""
+        message = (
+            f"the app did not take the request body fast enough: {request.buffered_bytes} "
+            f"bytes of it were buffered and the agent's bound ({bound}) stayed full for "
+            f"{self.body_stall_timeout:g}s; local request aborted"
+        )
+        self.body_overflows += 1
+        logger.info("SynthTunnel request %s: %s", request.rid, message)
+        self._finish(request)
+        await self._send(
+            ws, resp_error(request.lease_id, request.rid, REQUEST_BODY_OVERFLOW, message)
+        )
+
     def _finish(self, request: ForwardedRequest) -> None:
-        """Forget ``request`` and abort its local call; nothing more is sent for it."""
+        """Forget ``request``, drop its buffered body and abort its local call; nothing more
+        is sent for it."""
         if self.inflight.get(request.rid) is request:
             del self.inflight[request.rid]
         if not self.inflight:
             self._idle.set()
+        request.close()
         if request.task is not None and request.task is not asyncio.current_task():
             request.task.cancel()
 

@@ -10,6 +10,10 @@ Error codes our agent sends in ``RESP_ERROR``:
   The request never reached the app; a relay should answer 503.
 - ``DEADLINE_EXCEEDED`` — ours: ``deadline_ms`` passed; the local request was aborted.
   A relay should answer 504.
+- ``REQUEST_BODY_OVERFLOW`` — ours: the app did not take the request body as fast as the
+  relay sent it, past the agent's buffer for it (see ``synthtunnel_forward``); the local
+  request was aborted. Sent before or after ``RESP_HEADERS``. The app is alive but busy, so
+  a relay should answer 503 (before the headers).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ LOCAL_BAD_RESPONSE = "LOCAL_BAD_RESPONSE"
 BAD_REQUEST_FRAME = "BAD_REQUEST_FRAME"
 AGENT_OVERLOADED = "AGENT_OVERLOADED"
 DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+REQUEST_BODY_OVERFLOW = "REQUEST_BODY_OVERFLOW"
 
 #: Largest decoded body chunk we send (and advertise).
 MAX_BODY_CHUNK = 64 * 1024
