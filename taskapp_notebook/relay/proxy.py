@@ -42,7 +42,11 @@ from .state import ROUTE_PREFIX, RelayState
 logger = logging.getLogger(__name__)
 
 #: RESP_ERROR codes that are not "could not reach the app" (our agent's refusals).
-_AGENT_ERROR_STATUS = {"AGENT_OVERLOADED": 503, "DEADLINE_EXCEEDED": 504}
+_AGENT_ERROR_STATUS = {
+    "AGENT_OVERLOADED": 503,
+    "REQUEST_BODY_OVERFLOW": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
 
 RETRY_AFTER = [(b"retry-after", b"1")]
 

@@ -316,6 +316,10 @@ class SynthTunnel:
 
     async def _close(self, on_owner_loop: bool) -> None:
         agents = list(self._agents)
+        owner = self._loop
+        if not on_owner_loop and owner is not None and owner.is_closed():
+            for agent in agents:
+                agent.abandon()
         if on_owner_loop:
             tasks = list(self._tasks)
             for task in tasks:

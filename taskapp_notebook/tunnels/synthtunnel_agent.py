@@ -15,6 +15,7 @@ import contextlib
 import functools
 import json
 import logging
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -296,6 +297,16 @@ class LeaseAgent:
             with contextlib.suppress(Exception):
                 await self._ws.close()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    def abandon(self) -> None:
+        """The loop this agent ran on is closed (``asyncio.run`` returned without a stop):
+        release the WebSocket's socket without that loop, which can no longer do it."""
+        transport = getattr(self._ws, "transport", None)
+        sock = getattr(transport, "_sock", None)  # asyncio's selector transport internals
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.close()
+            transport._sock = None  # type: ignore[union-attr]  # no "unclosed" warning later
 
     # -- frames -----------------------------------------------------------------------
 
