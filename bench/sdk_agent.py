@@ -7,7 +7,7 @@ compiled agent exposes the same app's port from ``.venv-sdk`` (``scripts/sdk-ven
 agent, and the SDK's agent on a relay connection without the immediate-ACK fix (the SDK's
 agent keeps Nagle on; see ``taskapp_notebook/relay/endpoint.py``).
 
-    python bench/sdk_agent.py [--requests 300]
+    python bench/sdk_agent.py [--requests 300] [--write-readme]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _common import write_readme_table
 from fastapi import FastAPI, Request, Response
 
 from taskapp_notebook import InProcessTaskApp
@@ -147,9 +148,13 @@ def run(n: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description="SDK agent vs our agent through our relay")
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--write-readme", action="store_true")
     args = parser.parse_args()
-    print(run(args.requests))
+    text = run(args.requests)
+    print(text)
     sys.stdout.flush()
+    if args.write_readme:
+        write_readme_table("sdk", text)
 
 
 if __name__ == "__main__":
