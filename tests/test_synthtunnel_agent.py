@@ -1186,3 +1186,17 @@ def test_resp_body_frames_equal_json_dumps_and_bad_base64_is_rejected():
     for bad in ("QQ=", "QQ==QQ==", "QU JD", "QUJD\n", "é", "=QQ=", "QQ===", None):
         with pytest.raises(FrameError):
             b64decode(bad)
+
+
+def test_reconnect_backoff_starts_under_a_second_and_is_spread() -> None:
+    from itertools import islice
+
+    from taskapp_notebook.tunnels.synthtunnel_agent import backoff
+
+    runs = [list(islice(backoff(), 8)) for _ in range(50)]
+    assert all(run[0] <= 1.0 for run in runs)  # first retry within a second
+    nominal = (0.25, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0)
+    for run in runs:
+        for delay, base in zip(run, nominal, strict=True):
+            assert base * 0.8 <= delay <= base * 1.2
+    assert len({run[0] for run in runs}) > 1  # agents do not all come back in step

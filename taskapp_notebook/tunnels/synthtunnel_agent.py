@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import logging
+import random
 import socket
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -56,11 +58,11 @@ DOWN_AFTER = 30.0
 _LEASE_GONE = frozenset({401, 403, 404, 410})
 
 
-def backoff() -> Iterator[float]:
-    """Reconnect delays: 0.25, 0.5, 1, 2, 4, then 5 s forever."""
-    yield from (0.25, 0.5, 1.0, 2.0, 4.0)
-    while True:
-        yield 5.0
+def backoff(jitter: float = 0.2) -> Iterator[float]:
+    """Reconnect delays: about 0.25, 0.5, 1, 2, 4, then 5 s forever, each spread by up to
+    ``jitter`` (±20 %) so many agents cut off by one relay restart do not return in step."""
+    for delay in itertools.chain((0.25, 0.5, 1.0, 2.0, 4.0), itertools.repeat(5.0)):
+        yield delay * (1.0 + random.uniform(-jitter, jitter))
 
 
 class LeaseRejectedError(TunnelError):
