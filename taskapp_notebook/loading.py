@@ -236,3 +236,48 @@ def load_task_app_module(path: str | os.PathLike[str]) -> LoadedTaskApp:
     raise TaskAppLoadError(
         f"{where!r} defines no task app. Looked for, in order: " + "; ".join(LOOKED_FOR) + "."
     )
+
+
+def build_asgi_app(
+    *,
+    app: Any | None = None,
+    config: TaskAppConfig | None = None,
+    config_factory: Callable[[], TaskAppConfig] | None = None,
+    task_app_path: Path | None = None,
+    api_key: str,
+) -> Callable[..., Any]:
+    """The ASGI app for whichever input InProcessTaskApp was given.
+
+    A TaskAppConfig (direct, from the factory, or from the file) goes through
+    ``create_task_app``; an app built that way is told ``api_key`` (``app.state``), so it
+    never has to be written into ``os.environ``.
+    """
+    if app is None:
+        if config is None and config_factory is not None:
+            try:
+                config = config_factory()
+            except Exception as exc:
+                raise TaskAppLoadError(
+                    f"config_factory {config_factory!r} raised {type(exc).__name__}: {exc}"
+                ) from exc
+        if config is None:
+            if task_app_path is None:
+                raise TaskAppLoadError("No app, config, config_factory or task_app_path given.")
+            loaded = load_task_app(task_app_path)
+            app, config = (loaded, None) if callable(loaded) else (None, loaded)
+        if config is not None:
+            from .contract import create_task_app
+            from .models import TaskAppConfig as ConfigType
+
+            if not isinstance(config, ConfigType):
+                raise TaskAppLoadError(
+                    f"Expected a TaskAppConfig, got {type(config).__name__}. Build it with "
+                    "taskapp_notebook.TaskAppConfig(...)."
+                )
+            app = create_task_app(config)
+    state = getattr(app, "state", None)
+    if state is not None and getattr(state, "taskapp_contract", False):
+        state.taskapp_api_keys = (api_key,)
+    if not callable(app):
+        raise TaskAppLoadError(f"{app!r} is not an ASGI app (it is not callable).")
+    return app

@@ -31,7 +31,6 @@ from .errors import (
     ModeNotAvailableError,
     ServerStartError,
     StartError,
-    TaskAppLoadError,
     TunnelVerificationError,
     mask_secret,
 )
@@ -379,7 +378,12 @@ class InProcessTaskApp:
         try:
             tunnel = self.tunnel = self._make_tunnel()
             tunnel.preflight(self._tunnel_context())
-            asgi_app = await self._build_app()
+            from .loading import build_asgi_app
+
+            asgi_app: ASGIApp = build_asgi_app(
+                app=self._app, config=self._config, config_factory=self._config_factory,
+                task_app_path=self.task_app_path, api_key=self.api_key,
+            )
             sock = await acquire_port(self.host, self.requested_port,
                                       auto_find_port=self.auto_find_port)
             self.port = sock.getsockname()[1]
@@ -570,39 +574,6 @@ class InProcessTaskApp:
             with contextlib.suppress(Exception):
                 listener(self)
 
-    async def _build_app(self) -> ASGIApp:
-        if self._app is not None:
-            app = self._app
-        else:
-            config = self._config
-            if config is None and self._config_factory is not None:
-                try:
-                    config = self._config_factory()
-                except Exception as exc:
-                    raise TaskAppLoadError(
-                        f"config_factory {self._config_factory!r} raised "
-                        f"{type(exc).__name__}: {exc}"
-                    ) from exc
-            if config is None:
-                assert self.task_app_path is not None
-                from .loading import load_task_app
-
-                loaded = load_task_app(self.task_app_path)
-                app, config = (loaded, None) if callable(loaded) else (None, loaded)
-            if config is not None:
-                from .contract import TaskAppConfig, create_task_app
-
-                if not isinstance(config, TaskAppConfig):
-                    raise TaskAppLoadError(
-                        f"Expected a TaskAppConfig, got {type(config).__name__}. Build it with "
-                        "taskapp_notebook.TaskAppConfig(...)."
-                    )
-                app = create_task_app(config)
-        state = getattr(app, "state", None)
-        if state is not None and getattr(state, "taskapp_contract", False):
-            state.taskapp_api_keys = (self.api_key,)
-        asgi: ASGIApp = app
-        return asgi
 
     async def _verify_tunnel(self, tunnel: Tunnel) -> None:
         assert self.url is not None
