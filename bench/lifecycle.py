@@ -148,8 +148,8 @@ def table(cycles: int) -> str:
         results[label] = fn(app, cycles)
     base_start, base_stop = results[runs[0][0]]
     lines = [
-        f"Medians of {cycles} cycles, `tunnel_mode=\"local\"`, on this project's 2-core CI "
-        "machine (shared, noisy: read the ratios).",
+        f"Medians of {cycles} cycles, `tunnel_mode=\"local\"`, on the 2-core development "
+        "machine (shared and noisy: read the ratios).",
         "",
         "| what | start → healthy | stop → port free |",
         "|---|---|---|",

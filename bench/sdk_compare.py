@@ -123,8 +123,8 @@ def table(cycles: int, imports: int, netns: bool) -> str:
     fast = [s for s in base_start if s < SLOW_START] or base_start
     where = "in an empty network namespace (`--netns`), " if netns else ""
     lines = [
-        f"Medians of {cycles} cycles, `tunnel_mode=\"local\"`, one run {where}on this "
-        "project's 2-core CI machine (shared, noisy: read the ratios). Each side runs in its "
+        f"Medians of {cycles} cycles, `tunnel_mode=\"local\"`, one run {where}on the "
+        "2-core development machine (shared and noisy: read the ratios). Each side runs in its "
         "own venv and child process (`bench/_lifecycle_driver.py`) on a fixed port; the "
         "baseline is the real SDK from `.venv-sdk` (`scripts/sdk-venv`).",
         "",
