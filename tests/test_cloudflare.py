@@ -292,6 +292,242 @@ async def test_child_death_after_connect_marks_down(fake: FakeCloudflared) -> No
     assert state(tunnel) is TunnelState.CLOSED
 
 
+# -- live state while cloudflared runs (edge connections lost / back) ----------------------
+#
+# These check OUR parsing of cloudflared's connection log lines and /ready answers and OUR
+# state machine; the FAKE prints those lines in real cloudflared's formats. A pass says
+# nothing about how a real tunnel behaves when its edge connections drop.
+
+LOST, DOWN, BACK = "lost its connection and is reconnecting", "and is down", "is connected again"
+
+
+def tracked(tunnel: QuickTunnel | NamedTunnel) -> tuple[TunnelContext, list[tuple[str, Any]]]:
+    """A context whose on_event records (line, the tunnel's state when it was reported)."""
+    events: list[tuple[str, Any]] = []
+    ctx = TunnelContext(
+        local_host="127.0.0.1",
+        local_port=8123,
+        api_key=APP_KEY,
+        on_event=lambda line: events.append((line, tunnel.status.state)),
+    )
+    return ctx, events
+
+
+def transitions(events: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The live-state transitions among the events, as (kind, state)."""
+    kinds = {LOST: "lost", DOWN: "down", BACK: "back"}
+    return [(kind, st) for line, st in events for text, kind in kinds.items() if text in line]
+
+
+async def until(check: Any, what: str, seconds: float = 20.0) -> None:
+    """Poll ``check()`` until true, failing after a generous deadline (not a timing check)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        # connection/observer.go (current releases)
+        (
+            "2025-01-01T10:00:00Z INF Registered tunnel connection connIndex=2 "
+            "connection=6c1a3c52-0e7b-4c55-9f6a-1e0e8e0b3a11 event=0 ip=198.41.200.13 "
+            "location=lhr01 protocol=quic",
+            ("registered", 2),
+        ),
+        # connection/rpc.go (older releases)
+        (
+            "2021-03-01T10:00:00Z INF Connection 25e2ee72-4f2c-4e5b-9b3c-0c0b1b7b3f1e "
+            "registered connIndex=1 location=LHR",
+            ("registered", 1),
+        ),
+        # --log-format json
+        (
+            '{"level":"info","connIndex":3,"message":"Registered tunnel connection"}',
+            ("registered", 3),
+        ),
+        # connection/control.go: contains "registered tunnel connection", but is a loss
+        (
+            "2025-01-01T10:00:00Z INF Unregistered tunnel connection connIndex=0 event=0 "
+            "ip=198.41.200.13",
+            ("lost", 0),
+        ),
+        # supervisor/supervisor.go, supervisor/tunnel.go, connection/http2.go
+        ('2025-01-01T10:00:00Z WRN Connection terminated error="x" connIndex=3', ("lost", 3)),
+        (
+            '2025-01-01T10:00:00Z ERR Serve tunnel error error="timeout: no recent network '
+            'activity" connIndex=1 event=0 ip=198.41.192.47',
+            ("lost", 1),
+        ),
+        ("2025-01-01T10:00:00Z INF Retrying connection in up to 2s connIndex=0", ("lost", 0)),
+        ("2022-01-01T10:00Z INF Retrying connection in up to 2s seconds connIndex=0", ("lost", 0)),
+        ("2025-01-01T10:00:00Z INF Lost connection with the edge connIndex=1", ("lost", 1)),
+        ("2025-01-01T10:00:00Z ERR failed to connect to the edge", ("lost", None)),
+        ("2025-01-01T10:00:00Z INF Starting metrics server on 127.0.0.1:1/metrics", None),
+        ("2025-01-01T10:00:00Z INF |  https://a-b.trycloudflare.com  |", None),
+    ],
+)
+def test_parse_connection_lines(line: str, expected: tuple[str, int | None] | None) -> None:
+    """OUR parsing of cloudflared's connection lines (formats from its source, not a FAKE)."""
+    event = cloudflare.parse_connection_line(line)
+    assert (None if event is None else (event.kind, event.conn_index)) == expected
+
+
+@pytest.mark.parametrize(
+    ("backend", "style", "said_so"),
+    [
+        ("quick", "quic", "Serve tunnel error"),
+        ("quick", "unregister", "Unregistered tunnel connection"),
+        ("named", "http2", "Lost connection with the edge"),
+    ],
+)
+async def test_edge_loss_then_reconnect_from_log_lines(
+    fake: FakeCloudflared, backend: str, style: str, said_so: str
+) -> None:
+    """OUR log-line tracking (/ready polling off): the FAKE, still running, loses its only
+    connection and registers it again → CONNECTED → RECONNECTING → CONNECTED, each reported
+    once, last_error = the line that said so."""
+    fake.set(drop_after="0.3", reconnect_after="1.0", drop_style=style)
+    tunnel: QuickTunnel | NamedTunnel
+    if backend == "quick":
+        tunnel = QuickTunnel(timeout=20, ready_interval=0)
+    else:
+        tunnel = NamedTunnel(
+            token=fake_token(), url="https://app.example.com", timeout=20, ready_interval=0
+        )
+    ctx, events = tracked(tunnel)
+    try:
+        await tunnel.open(ctx)
+        await until(lambda: any(BACK in line for line, _ in events), "the reconnect event")
+        assert transitions(events) == [
+            ("lost", TunnelState.RECONNECTING),
+            ("back", TunnelState.CONNECTED),
+        ]
+        assert state(tunnel) is TunnelState.CONNECTED
+        assert tunnel.status.last_error is not None and said_so in tunnel.status.last_error
+        assert "connIndex=0" in tunnel.status.last_error
+        lost_line = next(line for line, _ in events if LOST in line)
+        assert said_so in lost_line and tunnel.url is not None and tunnel.url in lost_line
+        assert tunnel.live_connections == {0}
+    finally:
+        await tunnel.close()
+    assert state(tunnel) is TunnelState.CLOSED
+
+
+async def test_edge_loss_goes_down_after_down_after(fake: FakeCloudflared) -> None:
+    """OUR DOWN timer: no connection comes back → RECONNECTING, then DOWN after down_after;
+    close() ends tracking (no event after it)."""
+    fake.set(drop_after="0.3")
+    tunnel = QuickTunnel(timeout=20, ready_interval=0, down_after=0.5)
+    ctx, events = tracked(tunnel)
+    try:
+        await tunnel.open(ctx)
+        await until(lambda: state(tunnel) is TunnelState.DOWN, "state DOWN")
+        assert transitions(events) == [
+            ("lost", TunnelState.RECONNECTING),
+            ("down", TunnelState.DOWN),
+        ]
+        error = tunnel.status.last_error
+        assert error is not None and error.startswith("no connection for 0.5s")
+        assert "Serve tunnel error" in error
+        assert tunnel.process is not None and tunnel.process.poll() is None  # still running
+    finally:
+        await tunnel.close()
+    count = len(events)
+    await asyncio.sleep(0.1)
+    assert state(tunnel) is TunnelState.CLOSED and len(events) == count
+
+
+async def test_down_then_back_when_a_connection_registers(fake: FakeCloudflared) -> None:
+    """OUR state machine: DOWN (no connection) is not final while cloudflared runs; the next
+    Registered line brings it back to CONNECTED."""
+    fake.set(drop_after="0.2", reconnect_after="1.5")
+    tunnel = QuickTunnel(timeout=20, ready_interval=0, down_after=0.3)
+    ctx, events = tracked(tunnel)
+    try:
+        await tunnel.open(ctx)
+        await until(lambda: any(BACK in line for line, _ in events), "the reconnect event")
+        assert transitions(events) == [
+            ("lost", TunnelState.RECONNECTING),
+            ("down", TunnelState.DOWN),
+            ("back", TunnelState.CONNECTED),
+        ]
+    finally:
+        await tunnel.close()
+
+
+async def test_losing_one_of_several_connections_stays_connected(fake: FakeCloudflared) -> None:
+    """OUR connIndex set: one of two connections lost → still CONNECTED, no event."""
+    fake.set(connections="2", drop_after="0.2", drop_count="1")
+    tunnel = QuickTunnel(timeout=20, ready_interval=0)
+    ctx, events = tracked(tunnel)
+    try:
+        await tunnel.open(ctx)
+        proc = tunnel.process
+        assert proc is not None
+        # The FAKE prints this after its loss lines; the reader handled those lines first.
+        await until(lambda: any("fake: dropped 1, 1 left" in ln for ln in proc.log_lines()), "drop")
+        await asyncio.sleep(0.05)  # let the loop run the callbacks queued for those lines
+        assert tunnel.live_connections == {1}
+        assert state(tunnel) is TunnelState.CONNECTED and transitions(events) == []
+    finally:
+        await tunnel.close()
+
+
+async def test_silent_loss_seen_through_ready(fake: FakeCloudflared) -> None:
+    """OUR /ready polling: the FAKE loses and regains its connection without a log line;
+    only /ready (503, then 200) shows it."""
+    fake.set(drop_after="0.4", reconnect_after="1.0", drop_style="silent")
+    tunnel = QuickTunnel(timeout=20, ready_interval=0.1)
+    ctx, events = tracked(tunnel)
+    try:
+        await tunnel.open(ctx)
+        await until(lambda: any(BACK in line for line, _ in events), "the reconnect event")
+        assert transitions(events) == [
+            ("lost", TunnelState.RECONNECTING),
+            ("back", TunnelState.CONNECTED),
+        ]
+        lost = next(line for line, _ in events if LOST in line)
+        assert "/ready with HTTP 503" in lost and "readyConnections=0" in lost
+        assert "/ready reports 1 edge connection" in next(ln for ln, _ in events if BACK in ln)
+    finally:
+        await tunnel.close()
+
+
+async def test_log_lines_and_ready_together_report_once(fake: FakeCloudflared) -> None:
+    """OUR combination of both signals: each transition is still reported exactly once."""
+    fake.set(drop_after="0.3", reconnect_after="1.0")
+    tunnel = QuickTunnel(timeout=20, ready_interval=0.1)
+    ctx, events = tracked(tunnel)
+    try:
+        await tunnel.open(ctx)
+        await until(lambda: any(BACK in line for line, _ in events), "the reconnect event")
+        await asyncio.sleep(0.3)  # a few more polls: they must not add transitions
+        assert transitions(events) == [
+            ("lost", TunnelState.RECONNECTING),
+            ("back", TunnelState.CONNECTED),
+        ]
+    finally:
+        await tunnel.close()
+
+
+async def test_exit_while_reconnecting_is_down(fake: FakeCloudflared) -> None:
+    """OUR exit watcher also covers a child that dies while RECONNECTING."""
+    fake.set(drop_after="0.2", exit_after="1.0")
+    tunnel = QuickTunnel(timeout=20, ready_interval=0)
+    ctx, events = tracked(tunnel)
+    try:
+        await tunnel.open(ctx)
+        await until(lambda: any("exited with code 12" in ln for ln, _ in events), "exit event")
+        assert transitions(events) == [("lost", TunnelState.RECONNECTING)]
+        assert state(tunnel) is TunnelState.DOWN
+        assert tunnel.status.last_error and "exited with code 12" in tunnel.status.last_error
+    finally:
+        await tunnel.close()
+
+
 # -- the child versus its parent (a kernel stand-in in a subprocess) -----------------------
 
 

@@ -7,28 +7,44 @@ no orphan; last log lines kept and attached to every :class:`TunnelError`).
 Binary: ``CLOUDFLARED_PATH`` or ``TASKAPP_CLOUDFLARED`` (a path or a name on PATH), else
 ``cloudflared`` on PATH. It is never downloaded. ``TASKAPP_CLOUDFLARED_TIMEOUT`` (seconds,
 default 30) bounds the wait for the tunnel to connect.
+
+Once connected, the status follows cloudflared's edge connections while it runs: its log
+lines (a connection registered / lost, per ``connIndex``) and its metrics server's
+``/ready`` (polled every ``ready_interval`` seconds) move it CONNECTED → RECONNECTING when
+no connection is left, → DOWN after ``down_after`` seconds without one, and back to
+CONNECTED when one registers again. See :func:`parse_connection_line`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
 import shutil
+import threading
+import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import httpx
 
 from ..errors import TunnelError, mask_secret
 from ..ports import pick_free_port
-from .base import TunnelContext
+from .base import TunnelContext, TunnelState
 from .process import SubprocessTunnel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NamedTunnel", "QuickTunnel", "find_cloudflared"]
+__all__ = [
+    "ConnectionEvent",
+    "NamedTunnel",
+    "QuickTunnel",
+    "find_cloudflared",
+    "parse_connection_line",
+]
 
 BINARY_ENV_VARS = ("CLOUDFLARED_PATH", "TASKAPP_CLOUDFLARED")
 TIMEOUT_ENV_VAR = "TASKAPP_CLOUDFLARED_TIMEOUT"
@@ -50,6 +66,62 @@ CONNECTED_LINE = "Registered tunnel connection"
 _RATE_LIMITED = ("429 too many requests", "failed to unmarshal quick tunnel", 'status_code="429')
 _OUTAGE = ("failed to request quick tunnel",)
 _BAD_TOKEN = ("token is not valid", "invalid token", "unauthorized", "tunnel not found")
+
+# cloudflared's edge-connection log lines. It logs with zerolog: by default one console line
+# "<time> <LVL> <message> key=value ..." (with --log-format json the same fields as JSON), and
+# every line below carries the connection's ``connIndex`` field. Message texts from the
+# cloudflare/cloudflared source:
+#   connection/observer.go    logConnected       INF "Registered tunnel connection" connIndex=N
+#                                                 connection=<uuid> event=0 ip=.. location=..
+#                                                 protocol=quic
+#   connection/rpc.go (older releases)           INF "Connection <uuid> registered" connIndex=N
+#   connection/control.go     waitForUnregister  INF "Unregistered tunnel connection" connIndex=N
+#   connection/http2.go       Serve              INF "Lost connection with the edge" connIndex=N
+#   supervisor/tunnel.go      ServeTunnel        ERR "Serve tunnel error" error=".." connIndex=N
+#                             Serve              INF "Retrying connection in up to 2s"
+#                                                 connIndex=N (older: "... in up to 2s seconds")
+#                             serveTunnel        ERR "Unable to establish connection with
+#                                                 Cloudflare edge" connIndex=N
+#   supervisor/supervisor.go  Run                ERR "Connection terminated" error=".." connIndex=N
+# "failed to connect to the edge" is not in cloudflared's source as far as we could find (it is
+# how people describe the failure); it is matched as a fallback and carries no connIndex.
+# A lost-line without a connIndex counts as losing every connection we know of.
+_REGISTERED_RE = re.compile(
+    r"Registered tunnel connection|\bConnection [0-9a-fA-F-]{8,} registered"
+)
+_LOST_PHRASES = (
+    "unregistered tunnel connection",
+    "connection terminated",
+    "lost connection with the edge",
+    "serve tunnel error",
+    "retrying connection in up to",
+    "unable to establish connection with cloudflare edge",
+    "failed to connect to the edge",
+)
+_CONN_INDEX_RE = re.compile(r"\bconnIndex(?:=|\"?\s*:\s*\"?)(\d+)")
+#: Seconds between polls of the metrics server's /ready while the tunnel is open.
+DEFAULT_READY_INTERVAL = 5.0
+
+
+class ConnectionEvent(NamedTuple):
+    """What one cloudflared log line says about an edge connection."""
+
+    kind: Literal["registered", "lost"]
+    #: The line's ``connIndex``, or None when it carries none.
+    conn_index: int | None
+
+
+def parse_connection_line(line: str) -> ConnectionEvent | None:
+    """The edge-connection event in one cloudflared log line, or None (see the table above)."""
+    low = line.lower()
+    m = _CONN_INDEX_RE.search(line)
+    index = int(m.group(1)) if m else None
+    # "Unregistered tunnel connection" contains "registered tunnel connection": lost first.
+    if any(phrase in low for phrase in _LOST_PHRASES):
+        return ConnectionEvent("lost", index)
+    if _REGISTERED_RE.search(line):
+        return ConnectionEvent("registered", index)
+    return None
 
 
 def find_cloudflared(explicit: str | None = None) -> str:
@@ -102,15 +174,33 @@ class _CloudflaredTunnel(SubprocessTunnel):
     process_name = "cloudflared"
 
     def __init__(
-        self, *, binary: str | None = None, timeout: float | None = None, stop_timeout: float = 5.0
+        self,
+        *,
+        binary: str | None = None,
+        timeout: float | None = None,
+        stop_timeout: float = 5.0,
+        down_after: float | None = None,
+        ready_interval: float = DEFAULT_READY_INTERVAL,
     ) -> None:
-        super().__init__(timeout=timeout, stop_timeout=stop_timeout)
+        super().__init__(timeout=timeout, stop_timeout=stop_timeout, down_after=down_after)
         self.binary = binary
+        #: Seconds between /ready polls once open; 0 disables polling (log lines only).
+        self.ready_interval = ready_interval
         self._metrics: str | None = None
         self._log_url: str | None = None
         self._registered = False
         self._preflighted = False
         self._http: httpx.AsyncClient | None = None
+        self._live: set[int] = set()  # connIndex values with a registered connection
+        self._live_lock = threading.Lock()
+        self._last_log_signal = 0.0  # monotonic time of the last connection log line (loop)
+        self._ready_task: asyncio.Task[None] | None = None
+
+    @property
+    def live_connections(self) -> frozenset[int]:
+        """The ``connIndex`` values cloudflared's log says are registered now."""
+        with self._live_lock:
+            return frozenset(self._live)
 
     def preflight(self, ctx: TunnelContext) -> None:
         """Raise TunnelError before the server starts if cloudflared cannot run here."""
@@ -131,11 +221,88 @@ class _CloudflaredTunnel(SubprocessTunnel):
         return self.binary
 
     def _on_line(self, line: str) -> None:  # reader thread
-        if CONNECTED_LINE in line:
-            self._registered = True
+        event = parse_connection_line(line)
+        if event is not None:
+            with self._live_lock:
+                if event.kind == "registered":
+                    if event.conn_index is not None:
+                        self._live.add(event.conn_index)
+                elif event.conn_index is not None:
+                    self._live.discard(event.conn_index)
+                else:
+                    self._live.clear()
+                left = len(self._live)
+            if event.kind == "registered":
+                self._registered = True
+            # In order, on the loop's thread, with the count as of this line.
+            self._in_loop(lambda: self._on_connection_line(event, left, line))
         if self._log_url is None and (m := QUICK_URL_RE.search(line)):
             self._log_url = m.group(0)
         super()._on_line(line)
+
+    def _on_connection_line(self, event: ConnectionEvent, left: int, line: str) -> None:  # loop
+        self._last_log_signal = time.monotonic()
+        if event.kind == "registered":
+            self._link_restored(line)
+        elif left == 0:
+            self._link_lost(line)
+
+    def _on_ready_count(self, count: int, code: int) -> None:  # loop
+        """A /ready answer. Log lines are fresher (cloudflared logs before its connection
+        tracker hears of a change), so /ready only decides when no line came for a poll
+        interval: it catches losses and returns the log did not show."""
+        if time.monotonic() - self._last_log_signal < self.ready_interval:
+            return
+        if count == 0 and self.status.state is TunnelState.CONNECTED:
+            self._link_lost(
+                f"cloudflared's metrics server answers /ready with HTTP {code}: "
+                "readyConnections=0 (no edge connection)"
+            )
+        elif count > 0 and self.status.state in (TunnelState.RECONNECTING, TunnelState.DOWN):
+            self._link_restored(f"cloudflared's /ready reports {count} edge connection(s)")
+
+    async def _watch_ready(self, address: str) -> None:
+        """Poll ``/ready`` every ``ready_interval`` s while the tunnel is open."""
+        url = f"http://{address}/ready"
+        async with httpx.AsyncClient(trust_env=False, timeout=2.0) as http:
+            while True:
+                await asyncio.sleep(self.ready_interval)
+                if not self._tracking():
+                    return
+                try:
+                    r = await http.get(url)
+                except httpx.HTTPError:
+                    continue  # a busy or restarting metrics server says nothing
+                if r.status_code == 404:
+                    logger.debug("cloudflared has no /ready; following its log lines only")
+                    return
+                if r.status_code not in (200, 503) or not self._tracking():
+                    continue
+                try:
+                    count = int(r.json()["readyConnections"])
+                except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+                    count = 1 if r.status_code == 200 else 0
+                self._on_ready_count(count, r.status_code)
+
+    def _start_watching(self) -> None:  # loop, right after open succeeded
+        if self._metrics is not None and self.ready_interval > 0 and self._tracking():
+            self._ready_task = asyncio.get_running_loop().create_task(
+                self._watch_ready(self._metrics), name=f"cloudflared-ready-{self.mode}"
+            )
+
+    async def close(self) -> None:
+        """Stop the /ready poller and the child (see :meth:`SubprocessTunnel.close`)."""
+        task = self._ready_task
+        await super().close()
+        with contextlib.suppress(RuntimeError):  # no running loop
+            if task is not None and task.get_loop() is asyncio.get_running_loop():
+                await asyncio.wait([task], timeout=1.0)  # let it close its HTTP client
+
+    def _stop_watching(self) -> None:
+        super()._stop_watching()
+        task, self._ready_task = self._ready_task, None
+        if task is not None and not task.done():
+            self._cancel_on_loop(task.get_loop(), task.cancel)
 
     async def _probe(self) -> tuple[str | None, bool]:
         """(public URL, edge connection ready?) from the metrics server, else the log."""
@@ -169,6 +336,7 @@ class _CloudflaredTunnel(SubprocessTunnel):
                 url = await self._start_and_wait(ctx, argv, env, secrets, INSTALL_HINT)
         finally:
             self._http = None
+        self._start_watching()
         logger.info("Cloudflare %s tunnel connected: %s", self.mode, url)
         ctx.on_event(f"Cloudflare {self.mode} tunnel connected: {url}")
         return url
@@ -179,7 +347,10 @@ class QuickTunnel(_CloudflaredTunnel):
 
     Runs ``cloudflared tunnel --no-autoupdate --config /dev/null --url <local> --metrics
     127.0.0.1:<free port>`` and takes the hostname from the metrics server's
-    ``/quicktunnel`` (log-line regex as fallback) and readiness from ``/ready``.
+    ``/quicktunnel`` (log-line regex as fallback) and readiness from ``/ready``. While it
+    runs, its connection log lines and ``/ready`` (every ``ready_interval`` s, 0 = off) keep
+    the status live: RECONNECTING with no edge connection, DOWN after ``down_after`` s
+    (default 60), CONNECTED again when one registers.
     """
 
     mode = "quick"
@@ -244,8 +415,16 @@ class NamedTunnel(_CloudflaredTunnel):
         binary: str | None = None,
         timeout: float | None = None,
         stop_timeout: float = 5.0,
+        down_after: float | None = None,
+        ready_interval: float = DEFAULT_READY_INTERVAL,
     ) -> None:
-        super().__init__(binary=binary, timeout=timeout, stop_timeout=stop_timeout)
+        super().__init__(
+            binary=binary,
+            timeout=timeout,
+            stop_timeout=stop_timeout,
+            down_after=down_after,
+            ready_interval=ready_interval,
+        )
         self._token = token or os.environ.get("CLOUDFLARE_TUNNEL_TOKEN") or None
         self._given_url = url or os.environ.get("CLOUDFLARE_TUNNEL_URL") or None
         self._synth_key = synth_api_key or os.environ.get("SYNTH_API_KEY") or None

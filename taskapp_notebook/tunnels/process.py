@@ -18,6 +18,12 @@ Behaviour (see ``kernel-facts.md`` facts 4, 5 and 9):
 * :meth:`ManagedProcess.stop` sends SIGTERM, waits ``timeout`` seconds, then SIGKILLs, and
   always reaps the child. Children still running at interpreter exit are stopped by an
   ``atexit`` hook, a safety net behind the runner's own shutdown hooks (fact 5).
+* Once open, a child that stays alive but loses its upstream connection moves the status
+  CONNECTED → RECONNECTING (:meth:`SubprocessTunnel._link_lost`), → DOWN after
+  ``down_after`` seconds without one, and back to CONNECTED when one returns
+  (:meth:`SubprocessTunnel._link_restored`). Subclasses decide what "lost" means (log lines,
+  a health endpoint); every transition happens on the event loop's thread and is reported
+  once through ``ctx.on_event``. A child that exits is DOWN for good.
 """
 
 from __future__ import annotations
@@ -228,18 +234,30 @@ class SubprocessTunnel:
     #: Lower-case phrases in the child's output after which it cannot succeed.
     fatal_phrases: tuple[str, ...] = ()
 
-    def __init__(self, *, timeout: float | None = None, stop_timeout: float = 5.0) -> None:
+    #: Seconds in RECONNECTING (no live connection) before the status becomes DOWN.
+    DEFAULT_DOWN_AFTER = 60.0
+
+    def __init__(
+        self,
+        *,
+        timeout: float | None = None,
+        stop_timeout: float = 5.0,
+        down_after: float | None = None,
+    ) -> None:
         self.url: str | None = None
         self.worker_token: str | None = None
         self.status = TunnelStatus()
         self.timeout = timeout
         self.stop_timeout = stop_timeout
+        self.down_after = self.DEFAULT_DOWN_AFTER if down_after is None else down_after
         self.process: ManagedProcess | None = None
         self._ctx: TunnelContext | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fatal: str | None = None
         self._closed = False
-        self._down_reported = False
+        self._opened = False  # open() succeeded: live state tracking applies from here on
+        self._down_reported = False  # the child exited after opening: DOWN for good
+        self._down_timer: asyncio.TimerHandle | None = None
 
     def verification_headers(self) -> dict[str, str]:
         """The child forwards headers unchanged, so callers send the app's own key."""
@@ -248,6 +266,7 @@ class SubprocessTunnel:
     async def close(self) -> None:
         """Stop the child (SIGTERM, then SIGKILL) and reap it. Idempotent; never raises."""
         self._closed = True
+        self._stop_watching()
         proc = self.process
         if proc is not None:
             try:
@@ -260,6 +279,7 @@ class SubprocessTunnel:
     def close_sync(self) -> None:
         """Blocking :meth:`close` for atexit and signal handlers."""
         self._closed = True
+        self._stop_watching()
         if self.process is not None:
             with contextlib.suppress(Exception):
                 self.process.stop(self.stop_timeout)
@@ -301,24 +321,113 @@ class SubprocessTunnel:
         return self._error(f"{self.process_name} exited with code {code} before connecting. {why}")
 
     def _on_exit(self, code: int) -> None:  # reader thread, unexpected exits only
-        if self._closed or self._down_reported or self.status.state is not TunnelState.CONNECTED:
-            return  # exits before CONNECTED are reported by _start_and_wait
+        if self._closed or self._down_reported or not self._opened:
+            return  # exits before the tunnel opened are reported by _start_and_wait
         self._down_reported = True
         pid = self.process.pid if self.process is not None else "?"
         message = f"{self.process_name} (pid {pid}) exited with code {code}; {self.url} is down."
         logger.warning("%s", message)
 
         def report() -> None:
+            self._cancel_down_timer()
+            if self._closed:
+                return
             self.status.set(TunnelState.DOWN, message)
             if self._ctx is not None:
                 self._ctx.on_event(message)
 
+        self._in_loop(report)
+
+    # -- live state while the child runs (all on the loop's thread) -------------------------
+
+    def _in_loop(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the tunnel's event loop (from any thread), in call order; inline when
+        that loop is gone (then nothing else runs concurrently with it)."""
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(report)
+            with contextlib.suppress(RuntimeError):  # closed between the check and the call
+                loop.call_soon_threadsafe(fn)
                 return
-        report()
+        fn()
+
+    def _tracking(self) -> bool:
+        """Whether connection signals may move the status now."""
+        return self._opened and not self._closed and not self._down_reported
+
+    def _emit(self, line: str) -> None:
+        logger.warning("%s", line)
+        if self._ctx is not None:
+            self._ctx.on_event(line)
+
+    def _link_lost(self, why: str) -> None:
+        """CONNECTED → RECONNECTING (``why``: the child's own line or signal saying so)."""
+        if not self._tracking() or self.status.state is not TunnelState.CONNECTED:
+            return
+        why = why.strip()[:500]
+        self.status.set(TunnelState.RECONNECTING, why)
+        self._emit(
+            f"{self.process_name}: the {self.mode} tunnel {self.url} lost its connection and "
+            f"is reconnecting: {why}"
+        )
+        self._cancel_down_timer()
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            self._down_timer = loop.call_later(self.down_after, self._link_down)
+
+    def _link_down(self) -> None:
+        """RECONNECTING → DOWN once ``down_after`` seconds passed without a connection."""
+        self._down_timer = None
+        if not self._tracking() or self.status.state is not TunnelState.RECONNECTING:
+            return
+        last = self.status.last_error
+        self.status.set(
+            TunnelState.DOWN,
+            f"no connection for {self.down_after:g}s" + (f" (last: {last})" if last else ""),
+        )
+        self._emit(
+            f"{self.process_name}: the {self.mode} tunnel {self.url} has had no connection for "
+            f"{self.down_after:g}s and is down ({self.process_name} keeps retrying)."
+        )
+
+    def _link_restored(self, why: str) -> None:
+        """RECONNECTING or DOWN → CONNECTED (``why``: what said a connection is back)."""
+        if not self._tracking():
+            return
+        if self.status.state not in (TunnelState.RECONNECTING, TunnelState.DOWN):
+            return
+        self._cancel_down_timer()
+        self.status.set(TunnelState.CONNECTED)
+        self._emit(
+            f"{self.process_name}: the {self.mode} tunnel {self.url} is connected again: "
+            f"{why.strip()[:500]}"
+        )
+
+    def _cancel_down_timer(self) -> None:
+        timer, self._down_timer = self._down_timer, None
+        if timer is not None:
+            self._cancel_on_loop(self._loop, timer.cancel)
+
+    @staticmethod
+    def _cancel_on_loop(
+        loop: asyncio.AbstractEventLoop | None, cancel: Callable[[], object]
+    ) -> None:
+        """Call ``cancel`` (a timer's or task's) on ``loop``'s thread, or directly when we are
+        on that loop or it is not running."""
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or loop is running or loop.is_closed() or not loop.is_running():
+            cancel()
+            return
+        try:
+            loop.call_soon_threadsafe(cancel)
+        except RuntimeError:  # closed meanwhile
+            cancel()
+
+    def _stop_watching(self) -> None:
+        """Stop live tracking (close paths; any thread). Subclasses also stop their pollers."""
+        self._cancel_down_timer()
 
     async def _start_and_wait(
         self,
@@ -355,6 +464,7 @@ class SubprocessTunnel:
             raise
         self.url = url
         self.status.set(TunnelState.CONNECTED)
+        self._opened = True
         if proc.returncode is not None:  # died between the last poll and now
             self._on_exit(proc.returncode)
         return url

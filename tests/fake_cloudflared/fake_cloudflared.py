@@ -15,6 +15,17 @@ FAKE_CLOUDFLARED_RECORD    append a JSON line {pid, argv, tunnel_token, ...} to 
 FAKE_CLOUDFLARED_IGNORE_SIGTERM=1   log and ignore SIGTERM (only SIGKILL stops it)
 FAKE_CLOUDFLARED_EXIT_AFTER=<s>     exit with code 12 that long after connecting
 FAKE_CLOUDFLARED_ECHO_TOKEN=1       print the token it got (to test masking)
+FAKE_CLOUDFLARED_CONNECTIONS=<n>    edge connections it registers (connIndex 0..n-1; default 1)
+FAKE_CLOUDFLARED_DROP_AFTER=<s>     that long after connecting, lose connections while staying
+                                    alive; /ready follows (503, readyConnections=0 when none)
+FAKE_CLOUDFLARED_DROP_COUNT=<k>     how many to lose, highest connIndex last (default all)
+FAKE_CLOUDFLARED_DROP_STYLE=<s>     the lines it prints for each loss, in cloudflared's formats:
+                                    quic (default: Serve tunnel error, Retrying connection in up
+                                    to 1s, Connection terminated) | http2 (Lost connection with
+                                    the edge first) | unregister (Unregistered tunnel connection)
+                                    | silent (no line at all: only /ready shows it)
+FAKE_CLOUDFLARED_RECONNECT_AFTER=<s>  that long after the loss, register them again (silent
+                                    style: again without a line); unset: never
 """
 
 from __future__ import annotations
@@ -27,12 +38,20 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 ENV = os.environ
 MODE = ENV.get("FAKE_CLOUDFLARED_MODE", "ok")
 stop = threading.Event()
-state = {"hostname": "", "ready": False}
+live: set[int] = set()  # connIndex values registered now (what /ready counts)
+state: dict[str, Any] = {"hostname": ""}
+
+
+def seconds(name: str) -> float | None:
+    raw = ENV.get(f"FAKE_CLOUDFLARED_{name}", "")
+    return float(raw) if raw and float(raw) > 0 else None
 
 
 def log(level: str, message: str) -> None:
@@ -80,9 +99,9 @@ class Metrics(BaseHTTPRequestHandler):
         if self.path == "/quicktunnel":
             status, body = 200, {"hostname": state["hostname"]}
         else:
-            ready = bool(state["ready"])
-            status = 200 if ready else 503
-            body = {"status": status, "readyConnections": int(ready), "connectorId": "fake"}
+            count = len(live)
+            status = 200 if count else 503
+            body = {"status": status, "readyConnections": count, "connectorId": "fake"}
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -128,12 +147,37 @@ def connect(named: bool) -> None:
     if named and MODE == "tunnel-not-found":
         log("ERR", 'Register tunnel error from server side error="Unauthorized: Tunnel not found"')
         return
-    state["ready"] = True
-    log(
-        "INF",
-        "Registered tunnel connection connIndex=0 connection=fake-conn ip=127.0.0.1 "
-        "location=fake01 protocol=quic",
-    )
+    register(range(int(ENV.get("FAKE_CLOUDFLARED_CONNECTIONS", "1") or 1)))
+
+
+def register(indexes: range | list[int], quiet: bool = False) -> None:
+    """connection/observer.go's line, one per connection."""
+    for i in indexes:
+        live.add(i)
+        if not quiet:
+            log(
+                "INF",
+                f"Registered tunnel connection connIndex={i} connection={uuid.uuid4()} "
+                "event=0 ip=127.0.0.1 location=fake01 protocol=quic",
+            )
+
+
+def drop(indexes: list[int], style: str) -> None:
+    """Lose connections the way cloudflared logs it (supervisor/, connection/ packages)."""
+    for i in indexes:
+        live.discard(i)
+        if style == "silent":
+            continue
+        if style == "unregister":
+            log("INF", f"Unregistered tunnel connection connIndex={i} event=0 ip=127.0.0.1")
+            continue
+        error = "timeout: no recent network activity"
+        if style == "http2":
+            log("INF", f"Lost connection with the edge connIndex={i}")
+            error = "connection with edge closed"
+        log("ERR", f'Serve tunnel error error="{error}" connIndex={i} event=0 ip=127.0.0.1')
+        log("INF", f"Retrying connection in up to 1s connIndex={i} event=0 ip=127.0.0.1")
+        log("WRN", f'Connection terminated error="{error}" connIndex={i}')
 
 
 def main() -> int:
@@ -199,12 +243,28 @@ def main() -> int:
         log("ERR", "fake: something broke before connecting")
         return 7
     connect(named)
-    exit_after = float(ENV.get("FAKE_CLOUDFLARED_EXIT_AFTER", "0") or 0)
-    deadline = time.monotonic() + exit_after if exit_after > 0 else None
+    start = time.monotonic()
+    exit_after, drop_after = seconds("EXIT_AFTER"), seconds("DROP_AFTER")
+    reconnect_after = seconds("RECONNECT_AFTER")
+    style = ENV.get("FAKE_CLOUDFLARED_DROP_STYLE", "quic")
+    dropped: list[int] = []
+    dropped_at: float | None = None
     while not stop.wait(0.05):
-        if deadline is not None and time.monotonic() >= deadline:
+        now = time.monotonic() - start
+        if exit_after is not None and now >= exit_after:
             log("ERR", "fake: connection lost, exiting")
             return 12
+        if drop_after is not None and dropped_at is None and live and now >= drop_after:
+            count = int(ENV.get("FAKE_CLOUDFLARED_DROP_COUNT", "0") or 0) or len(live)
+            dropped = sorted(live)[:count]
+            drop(dropped, style)
+            dropped_at = now
+            log("INF", f"fake: dropped {len(dropped)}, {len(live)} left")
+        if dropped and dropped_at is not None and reconnect_after is not None:
+            if now >= dropped_at + reconnect_after:
+                register(dropped, quiet=style == "silent")
+                dropped = []
+                log("INF", f"fake: reconnected, {len(live)} live")
     return 0
 
 
