@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from conftest import free_port
+from conftest import free_port, serve
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
@@ -38,28 +34,6 @@ from taskapp_notebook.models import RewardInfo, RolloutRequest, RolloutResponse
 
 SYNTH_KEY = "synth-test-key-42"
 APP_KEY = "task-app-key-7"
-
-
-@contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """Run ``app`` with a real uvicorn server in a thread; yield its base URL."""
-    port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_config=None, ws="none", http="h11", lifespan="on"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("test uvicorn server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
 
 
 class FakeJobBackend:
