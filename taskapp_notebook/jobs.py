@@ -60,6 +60,8 @@ JOB_ENDPOINTS: dict[str, tuple[str, str]] = {
 }
 SUCCESS_STATUSES = frozenset({"succeeded", "completed", "success"})
 TERMINAL_STATUSES = SUCCESS_STATUSES | {"failed", "error", "errored", "cancelled", "canceled"}
+#: Longest job error message (after secrets are masked).
+_MAX_ERROR = 1000
 _MAX_POLL_ERRORS = 5
 
 
@@ -204,7 +206,7 @@ async def _poll(
             elif response.status_code >= 400:
                 raise JobError(
                     f"Reading job status at {url} failed: HTTP {response.status_code}: "
-                    f"{response.text[:500]}"
+                    f"{response.text}"
                 )
             else:
                 try:
@@ -285,9 +287,13 @@ async def submit_and_poll_job(
         )
     except JobError as exc:
         # Backends echo request bodies in their errors (FastAPI's 422 does): never let the
-        # worker token or either key reach the message in full.
+        # worker token or either key reach the message in full. Scrub the whole text, then
+        # shorten it; raise outside this block so the unscrubbed error is not its context.
         secrets = (synth_key, task_app_api_key, task_app_worker_token)
-        raise type(exc)(scrub_secrets(str(exc), secrets)) from exc.__cause__
+        text = scrub_secrets(str(exc), secrets)
+        error = type(exc)(text if len(text) <= _MAX_ERROR else text[:_MAX_ERROR] + " …")
+        cause = exc.__cause__
+    raise error from cause
 
 
 async def _submit_and_poll(
@@ -312,7 +318,7 @@ async def _submit_and_poll(
         if response.status_code not in (200, 201, 202):
             raise JobError(
                 f"Submitting the {job_type} job to {base}{create_path} failed: "
-                f"HTTP {response.status_code}: {response.text[:500]}"
+                f"HTTP {response.status_code}: {response.text}"
             )
         created = response.json()
         job_id = str(created.get("job_id") or created.get("id") or "").strip()

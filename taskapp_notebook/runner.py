@@ -149,6 +149,8 @@ class InProcessTaskApp:
         self._stopped = threading.Event()
         self._stopped.set()
         self._stopping_thread: int | None = None
+        self._stop_requested = False
+        self._start_task: asyncio.Task[Any] | None = None
 
     # ------------------------------------------------------------------ public faces
 
@@ -178,40 +180,48 @@ class InProcessTaskApp:
     async def astart(self) -> InProcessTaskApp:
         """Start (from async code). Returns once healthy and the URL is known."""
         if self._begin_start():
-            other = self._instance_on_our_port()
-            if other is not None:
-                await other.astop()
-            if self.serve_on == "thread":
-                thread = self._thread = LoopThread(f"taskapp-{self.name}")
-                try:
-                    await asyncio.wrap_future(thread.submit(self._start_here()))
-                except BaseException:
-                    await asyncio.to_thread(self._close_thread)
-                    raise
-            else:
-                await self._start_here()
+            try:
+                other = self._instance_on_our_port()
+                if other is not None:
+                    await other.astop()
+                if self.serve_on == "thread":
+                    thread = self._thread = LoopThread(f"taskapp-{self.name}")
+                    try:
+                        await asyncio.wrap_future(thread.submit(self._start_here()))
+                    except BaseException:
+                        await asyncio.to_thread(self._close_thread)
+                        raise
+                else:
+                    await self._start_here()
+            except BaseException:
+                self._start_aborted()
+                raise
             self._after_start()
         return self
 
     def start(self) -> InProcessTaskApp:
         """Start (from sync code, including a notebook cell). Returns once healthy."""
         if self._begin_start():
-            other = self._instance_on_our_port()
-            if other is not None:
-                other.stop()
-            if self.serve_on == "thread":
-                thread = self._thread = LoopThread(f"taskapp-{self.name}")
-                future = thread.submit(self._start_here())
-                try:
-                    future.result()
-                except BaseException:
-                    future.cancel()
-                    self._close_thread()
-                    raise
-            else:
-                loop = running_loop()
-                assert loop is not None  # _begin_start checked
-                run_sync(loop, self._start_here())
+            try:
+                other = self._instance_on_our_port()
+                if other is not None:
+                    other.stop()
+                if self.serve_on == "thread":
+                    thread = self._thread = LoopThread(f"taskapp-{self.name}")
+                    future = thread.submit(self._start_here())
+                    try:
+                        future.result()
+                    except BaseException:
+                        future.cancel()
+                        self._close_thread()
+                        raise
+                else:
+                    loop = running_loop()
+                    assert loop is not None  # _begin_start checked
+                    run_sync(loop, self._start_here())
+            except BaseException:
+                self._start_aborted()
+                raise
             self._after_start()
         return self
 
@@ -219,7 +229,8 @@ class InProcessTaskApp:
         """Stop everything this instance started. Idempotent; a stop already in progress
         elsewhere is waited for. Cancelling the caller does not cut the stop short."""
         if not self._begin_stop():
-            if self.state is AppState.STOPPING:  # waiting in a worker thread blocks nothing
+            if self.state in (AppState.STOPPING, AppState.STARTING):
+                # waiting in a worker thread blocks nothing
                 await asyncio.to_thread(self._stopped.wait, _STOP_TIMEOUT)
             return
         loop = self._loop
@@ -228,7 +239,7 @@ class InProcessTaskApp:
         elif loop is None or loop is running_loop():
             await asyncio.shield(asyncio.ensure_future(self._stop_here()))
         elif loop.is_closed():
-            self._stop_hard()
+            await asyncio.to_thread(self._stop_hard)
         elif not loop.is_running():
             await asyncio.to_thread(run_sync, loop, self._stop_here())
         else:
@@ -240,7 +251,7 @@ class InProcessTaskApp:
         progress on another thread is waited for. An interrupt while stopping lets the
         stop finish first."""
         if not self._begin_stop():
-            if self.state is AppState.STOPPING and not self._stopping_here():
+            if self.state in (AppState.STOPPING, AppState.STARTING) and not self._stopping_here():
                 loop = self._loop
                 if loop is None or loop is not running_loop():
                     self._stopped.wait(_STOP_TIMEOUT)
@@ -354,6 +365,8 @@ class InProcessTaskApp:
         self.port = self.requested_port
         # Registered from the start, so stop_all / kernel shutdown / signals see an app even
         # while it is starting (or if an interrupt leaves its start running).
+        self._stop_requested = False
+        self._stopped.clear()
         registry.register(self)
         return True
 
@@ -372,6 +385,7 @@ class InProcessTaskApp:
     async def _start_here(self) -> None:
         """Start on the instance loop; undo everything on any failure."""
         self._loop = asyncio.get_running_loop()
+        self._start_task = asyncio.current_task()
         self._set_state(AppState.STARTING)
         logger.info("Starting task app %r (tunnel_mode=%s, serve_on=%s)", self.name,
                     self.tunnel_mode, self.serve_on)
@@ -410,14 +424,23 @@ class InProcessTaskApp:
             self.task_app_worker_token = tunnel.worker_token
             if not self.skip_tunnel_verification and tunnel.mode != "local":
                 await self._verify_tunnel(tunnel)
+            if self._stop_requested:  # a stop arrived as the start finished
+                raise asyncio.CancelledError
         except BaseException as exc:
             with contextlib.suppress(BaseException):
                 await asyncio.shield(self._teardown())
             self.url = self.task_app_worker_token = None
             registry.unregister(self)
-            self._set_state(AppState.FAILED, error=_describe(exc))
-            logger.info("Task app %r failed to start: %s", self.name, _describe(exc))
+            self._start_task = None
+            stopped = self._stop_requested and isinstance(exc, asyncio.CancelledError)
+            why = "stopped while starting" if stopped else _describe(exc)
+            self._set_state(AppState.FAILED, error=why)
+            self._stopped.set()
+            logger.info("Task app %r failed to start: %s", self.name, why)
+            if stopped:
+                raise StartError(f"Task app {self.name!r} was stopped while starting.") from None
             raise
+        self._start_task = None
         self.started_at = time.time()
         self._set_state(AppState.RUNNING)
         logger.info("Task app %r running at %s (local %s)", self.name, self.url, self.local_url)
@@ -427,6 +450,9 @@ class InProcessTaskApp:
             _call_back(self.on_start, self, "on_start")
 
     def _begin_stop(self) -> bool:
+        if self.state is AppState.STARTING:
+            self._cancel_start()
+            return False
         if self.state in (AppState.STOPPED, AppState.STOPPING):
             return False
         if self.state is AppState.FAILED and self._server is None and self._thread is None:
@@ -438,6 +464,20 @@ class InProcessTaskApp:
         self._set_state(AppState.STOPPING)
         logger.info("Stopping task app %r", self.name)
         return True
+
+    def _cancel_start(self) -> None:
+        """A stop while starting: cancel the start; its own rollback undoes everything."""
+        self._stop_requested = True
+        task, loop = self._start_task, self._loop
+        if task is not None and loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(task.cancel)
+
+    def _start_aborted(self) -> None:
+        """The start ended early (failed, cancelled, interrupted): no registry entry left."""
+        if self.state not in (AppState.STARTING, AppState.RUNNING):
+            registry.unregister(self)
+            self._stopped.set()
 
     def _stopping_here(self) -> bool:
         """True when this very thread is the one stopping (a signal handler nested in it)."""
@@ -453,17 +493,19 @@ class InProcessTaskApp:
     def _stop_thread(self) -> None:
         """Thread mode: teardown on the server thread, then close it. Blocking; an interrupt
         while waiting lets the teardown finish first, then propagates."""
-        thread = self._thread
+        thread, server = self._thread, self._server
         assert thread is not None
         future = thread.submit(self._teardown())
         try:
             future.result(_STOP_TIMEOUT)
-        except BaseException as exc:
+        except Exception as exc:  # noqa: BLE001 - includes the timeout
+            logger.warning("Error while stopping %r: %s", self, _describe(exc))
+            if server is not None:
+                server.request_exit()  # at least free the port before the thread closes
+        except BaseException:
             with contextlib.suppress(BaseException):
                 future.result(_STOP_TIMEOUT)
-            if not isinstance(exc, Exception):
-                raise
-            logger.warning("Error while stopping %r: %s", self, _describe(exc))
+            raise
         finally:
             self._close_thread()
             self._after_stop()
@@ -479,19 +521,30 @@ class InProcessTaskApp:
         logger.info("Task app %r stopped", self.name)
 
     async def _teardown(self) -> None:
-        """Close tunnel, then server (listener first). Idempotent; logs, never raises."""
+        """Close tunnel, then server (listener first). Every step runs even if an interrupt
+        or cancellation lands in one; that is re-raised at the end. Idempotent."""
         tunnel, server = self.tunnel, self._server
         self._server = None
+        interrupted: BaseException | None = None
         if tunnel is not None:
             try:
                 await tunnel.close()
             except Exception:  # noqa: BLE001
                 logger.warning("Error while closing the %s tunnel", tunnel.mode, exc_info=True)
+            except BaseException as exc:  # noqa: BLE001 - finish the teardown first
+                interrupted = exc
         if server is not None:
-            try:
-                await server.stop()
-            except Exception:  # noqa: BLE001
-                logger.warning("Error while stopping the server", exc_info=True)
+            for _ in range(2):  # once more if an interrupt cut the first attempt short
+                try:
+                    await server.stop()
+                    break
+                except Exception:  # noqa: BLE001
+                    logger.warning("Error while stopping the server", exc_info=True)
+                    break
+                except BaseException as exc:  # noqa: BLE001
+                    interrupted = interrupted or exc
+        if interrupted is not None:
+            raise interrupted
 
     def _stop_hard(self) -> None:
         """The loop is gone (e.g. at exit after asyncio.run): free the port, and close the

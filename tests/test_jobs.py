@@ -398,3 +398,22 @@ async def test_backend_errors_that_echo_the_request_never_show_secrets(
     for secret in (worker, app_key):
         assert secret not in message
         assert mask_secret(secret) in message  # it was there, masked
+
+
+async def test_secret_at_the_error_length_cut_is_still_masked() -> None:
+    worker = "wt_A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6"
+    reject = FastAPI()
+
+    @reject.post("/api/prompt-learning/online/jobs")
+    async def refuse() -> Response:  # the token straddles the old 500-character cut
+        return Response("x" * 470 + worker + "y" * 600, status_code=422)
+
+    with serve(reject) as base:
+        with pytest.raises(JobError) as info:
+            await submit_and_poll_job(
+                task_app_url="http://127.0.0.1:9/", task_app_worker_token=worker,
+                config_dict={"prompt_learning": {}}, backend_url=base, api_key="synth-key-1",
+            )
+    message = str(info.value)
+    assert worker[:12] not in message and mask_secret(worker) in message
+    assert info.value.__context__ is None  # the unscrubbed original is not reachable

@@ -81,3 +81,43 @@ def test_stop_after_the_loop_closed_deletes_the_lease(monkeypatch: pytest.Monkey
         gone = httpx.get(f"{relay.url}/api/v1/synthtunnel/leases/{lease_id}", trust_env=False,
                          headers={"Authorization": "Bearer relay-key"})
         assert gone.status_code in (404, 410)
+
+
+def test_stop_while_starting_cancels_the_start_and_leaves_nothing() -> None:
+    import contextlib
+    import threading
+
+    from taskapp_notebook import registry
+
+    release = threading.Event()
+
+    @contextlib.asynccontextmanager
+    async def slow_startup(app: FastAPI):  # type: ignore[no-untyped-def]
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        yield
+
+    slow = FastAPI(lifespan=slow_startup)
+    port = free_port()
+    app = InProcessTaskApp(app=slow, tunnel_mode="local", serve_on="thread", port=port,
+                           api_key="k")
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            app.start()
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertions
+            errors.append(exc)
+
+    starter = threading.Thread(target=start)
+    starter.start()
+    try:
+        assert wait_for(lambda: app.state is AppState.STARTING and not port_is_free(port))
+        app.stop()  # e.g. stop_all at kernel shutdown, mid-start
+    finally:
+        release.set()
+        starter.join(30)
+    assert errors and "stopped while starting" in str(errors[0])
+    assert app.state is AppState.FAILED and app._thread is None
+    assert app not in registry.running()
+    assert port_is_free(port)
