@@ -1,8 +1,11 @@
-"""Helpers shared by the benchmarks: README table markers."""
+"""Helpers shared by the benchmarks: the echo task app, README table markers."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,3 +20,18 @@ def write_readme_table(name: str, text: str) -> None:
     head, rest = content.split(start, 1)
     _, tail = rest.split(end, 1)
     readme.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+
+
+def echo_app() -> Any:
+    """A task app with ``GET /health`` and ``POST /echo`` (the body, back as it came)."""
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> dict[str, bool]:
+        return {"healthy": True}
+
+    @app.post("/echo")
+    async def echo(request: Request) -> Response:
+        return Response(await request.body(), media_type="application/octet-stream")
+
+    return app

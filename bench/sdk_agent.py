@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _common import write_readme_table
-from fastapi import FastAPI, Request, Response
+from _common import echo_app, write_readme_table
 
 from taskapp_notebook import InProcessTaskApp
 from taskapp_notebook.relay import RelayServer
@@ -35,20 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SDK_PYTHON = ROOT / ".venv-sdk" / "bin" / "python"
 DRIVER = ROOT / "tests" / "scripts" / "sdk_agent.py"
 MIB = 1024 * 1024
-
-
-def make_app() -> Any:
-    app = FastAPI()
-
-    @app.get("/health")
-    async def health() -> dict[str, bool]:
-        return {"healthy": True}
-
-    @app.post("/echo")
-    async def echo(request: Request) -> Response:
-        return Response(await request.body(), media_type="application/octet-stream")
-
-    return app
 
 
 def start_sdk(
@@ -100,7 +85,7 @@ def run(n: int) -> str:
     with RelayServer(api_keys=["bench-key"]) as relay, tempfile.TemporaryDirectory() as home:
         os.environ["SYNTH_BACKEND_URL"] = relay.url
         os.environ["SYNTH_API_KEY"] = relay.api_key
-        app = InProcessTaskApp(app=make_app(), tunnel_mode="synthtunnel", serve_on="thread")
+        app = InProcessTaskApp(app=echo_app(), tunnel_mode="synthtunnel", serve_on="thread")
         app.start()
         try:
             with httpx.Client(timeout=60, trust_env=False) as client:

@@ -16,24 +16,9 @@ import statistics
 import time
 from typing import Any
 
-from _common import write_readme_table
-from fastapi import FastAPI, Request, Response
+from _common import echo_app, write_readme_table
 
 MIB = 1024 * 1024
-
-
-def make_app() -> Any:
-    app = FastAPI()
-
-    @app.get("/health")
-    async def health() -> dict[str, bool]:
-        return {"healthy": True}
-
-    @app.post("/echo")
-    async def echo(request: Request) -> Response:
-        return Response(await request.body(), media_type="application/octet-stream")
-
-    return app
 
 
 async def latencies(client: Any, url: str, headers: dict[str, str], n: int) -> list[float]:
@@ -81,7 +66,7 @@ async def run(requests: int) -> str:
     with RelayServer() as relay:
         os.environ["SYNTH_BACKEND_URL"] = relay.url
         os.environ["SYNTH_API_KEY"] = relay.api_key
-        task = InProcessTaskApp(app=make_app(), serve_on="thread", api_key="bench-key")
+        task = InProcessTaskApp(app=echo_app(), serve_on="thread", api_key="bench-key")
         async with task:
             assert task.url and task.task_app_worker_token
             direct_headers = {"X-API-Key": "bench-key"}
