@@ -61,11 +61,16 @@ def port() -> Iterator[int]:
 
 
 @pytest.fixture(autouse=True)
-def _restore_signal_hooks() -> Iterator[None]:
-    """The first start installs SIGTERM/SIGINT handlers for the process; once no app is
-    left running, put the previous handlers back so tests stay independent of order."""
-    yield
+def _process_hooks_and_leftovers() -> Iterator[None]:
+    """A failing test must not leave a running app for the next one; and once no app runs,
+    the SIGTERM/SIGINT handlers the first start installed are put back, so tests stay
+    independent of their order."""
     from taskapp_notebook import registry
 
+    before = set(registry.running())
+    yield
+    for app in registry.running():
+        if app not in before:
+            app.stop()
     if not registry.running():
         registry.uninstall_hooks()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import signal
 import socket
 import threading
 import warnings
@@ -63,15 +62,6 @@ def app_port() -> Iterator[int]:
     port = free_port()
     yield port
     assert not [a for a in registry.running() if a.port == port]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_signal_handlers() -> Iterator[None]:
-    """Starting an app installs registry's signal hooks; give the process back as found."""
-    ours_before = signal.getsignal(signal.SIGTERM) is registry._handle_signal
-    yield
-    if not ours_before:
-        registry.uninstall_hooks()
 
 
 def test_sync_with_in_thread_mode_does_not_leak(app_port: int) -> None:

@@ -96,24 +96,6 @@ def foreign() -> Iterator[Callable[..., Foreign]]:
         proc.close()
 
 
-@pytest.fixture(autouse=True)
-def _stop_leftovers() -> Iterator[None]:
-    before = set(registry.running())
-    yield
-    for app in registry.running():
-        if app not in before:
-            app.stop()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_signal_handlers() -> Iterator[None]:
-    """Starting an app installs registry's signal hooks; give the process back as found."""
-    ours_before = signal.getsignal(signal.SIGTERM) is registry._handle_signal
-    yield
-    if not ours_before:
-        registry.uninstall_hooks()
-
-
 def task_app(port: int, **kwargs: object) -> InProcessTaskApp:
     return InProcessTaskApp(app=make_app(), port=port, tunnel_mode="local", **kwargs)  # type: ignore[arg-type]
 

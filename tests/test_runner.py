@@ -14,11 +14,10 @@ import gc
 import json
 import logging
 import os
-import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,25 +134,6 @@ def assert_nothing_left(before: Resources, app: InProcessTaskApp, port: int) -> 
     Resources.now().assert_same_as(before)
     assert port_is_free(port), f"port {port} still bound"
     assert app not in registry.running()
-
-
-@pytest.fixture(autouse=True)
-def _stop_leftovers() -> Iterator[None]:
-    """A failing test must not leave a running app for the next one."""
-    before = set(registry.running())
-    yield
-    for app in registry.running():
-        if app not in before:
-            app.stop()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_signal_handlers() -> Iterator[None]:
-    """Starting an app installs registry's signal hooks; give the process back as found."""
-    ours_before = signal.getsignal(signal.SIGTERM) is registry._handle_signal
-    yield
-    if not ours_before:
-        registry.uninstall_hooks()
 
 
 # ---------------------------------------------------------------------------- validation
