@@ -11,10 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import serve
 from fastapi import APIRouter, FastAPI, Request
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from support import serve
 
 from taskapp_notebook.auth import allowed_keys_from_env
 from taskapp_notebook.contract import TaskAppConfig, create_task_app

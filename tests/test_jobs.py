@@ -15,9 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import free_port, serve
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from support import free_port, serve
 
 from taskapp_notebook.contract import TaskAppConfig, create_task_app
 from taskapp_notebook.errors import InvalidParameterError, mask_secret

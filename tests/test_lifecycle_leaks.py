@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import httpx
 import psutil
 import pytest
-from conftest import free_port, port_is_free
 from fastapi import FastAPI
+from support import free_port, port_is_free
 
 from taskapp_notebook import InProcessTaskApp, registry
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import free_port, port_is_free
 from fastapi import FastAPI
+from support import free_port, port_is_free
 
 from taskapp_notebook import AppState, InProcessTaskApp, PortInUseError, registry
 from taskapp_notebook.ports import (

@@ -24,8 +24,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import free_port, port_is_free
 from relay_agent import RelayTestAgent, TaskApp, attach_raw, next_frame, serve_app
+from support import free_port, port_is_free
 from websockets.asyncio.client import connect
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed

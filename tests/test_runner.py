@@ -26,8 +26,8 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from conftest import free_port, port_is_free
 from fastapi import FastAPI, Request, Response
+from support import free_port, port_is_free
 
 from taskapp_notebook import AppState, InProcessTaskApp, registry
 from taskapp_notebook.errors import (

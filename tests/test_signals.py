@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import port_is_free
+from support import port_is_free
 
 SCRIPTS = Path(__file__).parent / "scripts"
 

@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import ipywidgets as widgets
 import pytest
-from conftest import free_port, port_is_free
 from fastapi import FastAPI
+from support import free_port, port_is_free
 
 from taskapp_notebook import AppState, InProcessTaskApp
 from taskapp_notebook.health import auth_headers

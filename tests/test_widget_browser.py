@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import free_port, port_is_free
+from support import free_port, port_is_free
 
 from taskapp_notebook.health import auth_headers
 
