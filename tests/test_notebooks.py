@@ -36,5 +36,6 @@ def test_binder_installs_this_package_on_a_supported_python() -> None:
     post_build = binder / "postBuild"
     assert post_build.stat().st_mode & 0o111, "postBuild must be executable"
     assert "pip install --no-cache-dir ." in post_build.read_text()
-    env = (binder / "environment.yml").read_text()
-    assert "- python=3.11" in env and "- ipywidgets" in env
+    assert (binder / "runtime.txt").read_text().strip() == "python-3.11"
+    assert not (binder / "environment.yml").exists()  # conda would win over requirements.txt
+    assert "ipywidgets" in (binder / "requirements.txt").read_text()

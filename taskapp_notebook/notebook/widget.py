@@ -134,7 +134,7 @@ class TaskAppView(traitlets.HasTraits):
         """A static HTML card (no buttons) for saved notebooks."""
         return (
             '<div class="taskapp-view" style="border:1px solid #ccc;padding:4px 8px">'
-            f"{self._header_html()}{self._info_html()}{self._log_html()}</div>"
+            f"{self._header_html()}{self._info_html(static=True)}{self._log_html()}</div>"
         )
 
     # ------------------------------------------------------------------ life
@@ -297,23 +297,27 @@ class TaskAppView(traitlets.HasTraits):
             f'<span class="taskapp-describe">{_esc(self._redact(detail))}</span></div>'
         )
 
-    def _info_html(self) -> str:
+    def _info_html(self, *, static: bool = False) -> str:
+        """The detail rows; ``static`` (a saved notebook's card) leaves out the Copy button,
+        whose script a notebook viewer would strip."""
         cells = []
         for label, value in self._rows():
             if label == "public URL" and self.app.url:
                 url = _esc(self.app.url)
                 shown = (
                     f'<a class="taskapp-url" href="{url}" target="_blank" rel="noopener" '
-                    f'style="color:#1565c0;text-decoration:underline">{url}</a> '
-                    f'<button class="taskapp-copy" '
-                    f'data-url="{url}" title="Copy the URL" '
-                    'onclick="navigator.clipboard.writeText(this.dataset.url)">Copy</button>'
+                    f'style="color:#1565c0;text-decoration:underline">{url}</a>'
                 )
+                if not static:
+                    shown += (
+                        f' <button class="taskapp-copy" data-url="{url}" title="Copy the URL" '
+                        'onclick="navigator.clipboard.writeText(this.dataset.url)">Copy</button>'
+                    )
             else:
                 shown = _esc(self._redact(value))
             cells.append(
-                f'<tr><td style="padding:0 8px 0 0;color:#666">{_esc(label)}</td>'
-                f'<td style="padding:0">{shown}</td></tr>'
+                f'<tr><td style="padding:0 8px 0 0;color:#666;text-align:left">{_esc(label)}</td>'
+                f'<td style="padding:0;text-align:left">{shown}</td></tr>'
             )
         table = '<table class="taskapp-info" style="border-collapse:collapse">'
         return f"{table}{''.join(cells)}</table>"
