@@ -141,6 +141,8 @@ class InProcessTaskApp:
         self.stats = RequestStats()
         #: Recent human-readable events (lifecycle, tunnel), newest last.
         self.events: deque[str] = deque(maxlen=200)
+        #: The same events with their ``time.time()``, for merging with request records.
+        self.timed_events: deque[tuple[float, str]] = deque(maxlen=200)
         self.tunnel: Tunnel | None = None
         self._server: ServerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -333,15 +335,19 @@ class InProcessTaskApp:
         self.state = state
         if error is not None or state is AppState.STARTING:
             self.error = error
-        self._event(f"state: {state}" + (f" ({error})" if error else ""))
+        self.record_event(f"state: {state}" + (f" ({error})" if error else ""))
         for listener in list(self._listeners):
             try:
                 listener(self)
             except Exception:  # noqa: BLE001 - observers never break the app
                 logger.debug("State listener %r failed", listener, exc_info=True)
 
-    def _event(self, line: str) -> None:
-        self.events.append(time.strftime("%H:%M:%S ") + line)
+    def record_event(self, line: str) -> None:
+        """Add ``line``, time-stamped, to :attr:`events` (the widget's log, ``%taskapp logs``)."""
+        now = time.time()
+        text = time.strftime("%H:%M:%S ", time.localtime(now)) + line
+        self.events.append(text)
+        self.timed_events.append((now, text))
 
     def _begin_start(self) -> bool:
         if self.state in (AppState.RUNNING, AppState.STARTING):
@@ -616,7 +622,7 @@ class InProcessTaskApp:
         )
 
     def _on_tunnel_event(self, line: str) -> None:
-        self._event(f"tunnel: {line}")
+        self.record_event(f"tunnel: {line}")
         tunnel = self.tunnel
         if tunnel is not None and self.is_running:
             if tunnel.url and tunnel.url != self.url:

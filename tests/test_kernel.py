@@ -22,8 +22,7 @@ import psutil
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
-
-from tests.conftest import free_port, port_is_free
+from support import free_port, port_is_free
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(240)]
 

@@ -20,10 +20,10 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
+from support import free_port, port_is_free
 
 from taskapp_notebook import InProcessTaskApp, registry
 from taskapp_notebook.notebook.extension import loaded_magics
-from tests.conftest import free_port, port_is_free
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -32,12 +32,12 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from support import free_port
 
 from taskapp_notebook import InProcessTaskApp
 from taskapp_notebook.relay import RelayConfig, RelayServer
 from taskapp_notebook.relay import agents as relay_agents
 from taskapp_notebook.relay import endpoint as relay_endpoint
-from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SDK_PYTHON = ROOT / ".venv-sdk" / "bin" / "python"

@@ -6,10 +6,10 @@ import socket
 
 import httpx
 from fastapi import FastAPI
+from support import free_port
 
 from taskapp_notebook import InProcessTaskApp
 from taskapp_notebook.ports import bind_listener
-from tests.conftest import free_port
 
 
 def health_app() -> FastAPI:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import httpx
 from fastapi import FastAPI
+from support import free_port
 
 from taskapp_notebook import InProcessTaskApp
 from taskapp_notebook.health import auth_headers
-from tests.conftest import free_port
 
 
 def app_with_error() -> FastAPI:

@@ -9,10 +9,10 @@ from collections.abc import Callable
 import httpx
 import pytest
 from fastapi import FastAPI
+from support import free_port, port_is_free
 
 from taskapp_notebook import AppState, InProcessTaskApp
 from taskapp_notebook.relay import RelayServer
-from tests.conftest import free_port, port_is_free
 
 
 def make_app() -> FastAPI:

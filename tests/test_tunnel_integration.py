@@ -11,12 +11,12 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 from fastapi import FastAPI
+from support import free_port
 
 from taskapp_notebook import InProcessTaskApp
 from taskapp_notebook.notebook.widget import TaskAppView
 from taskapp_notebook.relay import RelayServer
 from taskapp_notebook.tunnels.base import TunnelState
-from tests.conftest import free_port
 
 
 def make_app() -> FastAPI:

@@ -181,7 +181,7 @@ def test_button_error_is_shown(app: InProcessTaskApp, view: TaskAppView) -> None
 def test_no_secret_in_widget_state_or_fallbacks(app: InProcessTaskApp,
                                                  view: TaskAppView) -> None:
     # put the secret where a careless panel would echo it: an event line and an error
-    app.events.append(f"12:00:00 tunnel: connected with key {SECRET}")
+    app.record_event(f"tunnel: connected with key {SECRET}")
     app.stop()
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", app.port))
@@ -258,3 +258,19 @@ def test_view_of_a_stopped_app_then_started_elsewhere() -> None:
     assert monitor.status == "stopped"
     monitor.close()
     assert monitor_for(task_app) is None
+
+
+def test_log_pane_orders_requests_and_events_by_time(app: InProcessTaskApp,
+                                                     view: TaskAppView) -> None:
+    # within one second too: the request was served before the stop, so it is listed first
+    response = httpx.get(f"http://127.0.0.1:{app.port}/ping", headers=auth_headers(SECRET),
+                         timeout=5.0, trust_env=False)
+    assert response.status_code == 200
+    assert wait_for(lambda: any("/ping" in line for line in view.log_lines()))
+    app.stop()
+    lines = view.log_lines()
+    ping = next(i for i, line in enumerate(lines) if "GET /ping 200" in line)
+    stopping = next(i for i, line in enumerate(lines) if line.endswith("state: stopping"))
+    assert ping < stopping, lines
+    assert app.events[-1].endswith("state: stopped")
+    assert [text for _, text in app.timed_events] == list(app.events)

@@ -10,7 +10,6 @@ import inspect
 import itertools
 import logging
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -275,7 +274,7 @@ class TaskAppMagics(Magics):
         except (TaskAppError, OSError) as exc:
             text = _scrub(str(exc), (app.api_key, *secrets))
             for extra in text.splitlines()[1:]:
-                app.events.append(time.strftime("%H:%M:%S ") + extra)
+                app.record_event(extra)
             first = text.splitlines()[0] if text.strip() else type(exc).__name__
             more = f" (details: %taskapp logs {app.name})" if "\n" in text.strip() else ""
             raise UsageError(f"Task app {app.name!r} did not start: {first}{more}") from None

@@ -162,9 +162,8 @@ class TaskAppView(traitlets.HasTraits):
     def log_lines(self) -> list[str]:
         """The lines the log pane shows: lifecycle events and requests, oldest first."""
         app = self.app
-        lines = [(line[:8], line) for line in list(app.events)]
-        for record in list(app.stats.recent):
-            lines.append((time.strftime("%H:%M:%S", time.localtime(record.at)), record.line()))
+        lines = list(app.timed_events)
+        lines += [(record.at, record.line()) for record in list(app.stats.recent)]
         lines.sort(key=lambda item: item[0])
         return [self._redact(line) for _, line in lines[-self.max_lines:]]
 
