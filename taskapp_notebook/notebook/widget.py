@@ -49,6 +49,20 @@ _STATE_STATUS = {
 }
 _TRANSITIONS = (AppState.STARTING, AppState.STOPPING)
 _ACTION_TEXT = {"start": "starting…", "stop": "stopping…", "restart": "restarting…"}
+#: Once the kernel is gone the view can't be told anything; ipywidgets then marks its views
+#: with ``jupyter-widgets-disconnected``. This rule makes the badge say so instead of showing
+#: the last state it was sent (e.g. "running" after a kernel restart).
+_DISCONNECTED_STYLE = (
+    "<style>"
+    ".jupyter-widgets-disconnected .taskapp-badge,"
+    ".jupyter-widgets-disconnected .taskapp-describe{display:none!important}"
+    ".jupyter-widgets-disconnected .taskapp-gone{display:inline!important}"
+    "</style>"
+)
+_DISCONNECTED_BADGE = (
+    '<span class="taskapp-gone" style="display:none;background:#616161;color:white;'
+    'border-radius:8px;padding:1px 8px">disconnected (kernel gone)</span>'
+)
 
 
 class TaskAppView(traitlets.HasTraits):
@@ -154,7 +168,7 @@ class TaskAppView(traitlets.HasTraits):
                  transition or app.state is not AppState.RUNNING)
             _set(self.restart_button, "disabled",
                  transition or app.state not in (AppState.RUNNING, AppState.FAILED))
-            _set(self.header, "value", self._header_html())
+            _set(self.header, "value", self._header_html(live=True))
             _set(self.info, "value", self._info_html())
             _set(self.error_line, "value", self._error_html())
             _set(self.log, "value", self._log_html())
@@ -281,7 +295,9 @@ class TaskAppView(traitlets.HasTraits):
             rows.append(("worker token", mask_secret(app.task_app_worker_token)))
         return rows
 
-    def _header_html(self) -> str:
+    def _header_html(self, *, live: bool = False) -> str:
+        """Name, badge and detail; ``live`` (the widget's header) adds the "disconnected"
+        badge that only shows once ipywidgets marks the view disconnected."""
         status = self._status()
         color = _COLORS.get(status, "#616161")
         # the badge says the status; the text beside it adds the detail
@@ -289,10 +305,11 @@ class TaskAppView(traitlets.HasTraits):
         if detail.startswith(status):
             detail = detail[len(status):].lstrip(" —")
         return (
-            f'<div class="taskapp-header"><b>{_esc(self.app.name)}</b> '
+            (_DISCONNECTED_STYLE if live else "")
+            + f'<div class="taskapp-header"><b>{_esc(self.app.name)}</b> '
             f'<span class="taskapp-badge" data-status="{_esc(status)}" '
             f'style="background:{color};color:white;border-radius:8px;padding:1px 8px">'
-            f"{_esc(status)}</span> "
+            f"{_esc(status)}</span>{_DISCONNECTED_BADGE if live else ''} "
             f'<span class="taskapp-describe">{_esc(self._redact(detail))}</span></div>'
         )
 

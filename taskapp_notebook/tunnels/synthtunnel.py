@@ -165,7 +165,7 @@ class SynthTunnel:
         self._install(agent)
         self._spawn(self._renew_loop())
         self.status.set(TunnelState.CONNECTED)
-        self._event(f"SynthTunnel connected: {self.url} (lease {lease.lease_id})")
+        self._event(f"SynthTunnel connected: {self.url} ({lease.lease_id})")
         assert self.url is not None
         return self.url
 

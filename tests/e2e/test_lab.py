@@ -68,6 +68,7 @@ def test_quickstart_widget_in_jupyterlab(lab: JupyterServer, page: Page) -> None
     # running, with a link to the app and a health figure
     page.wait_badge(cell, "running")
     widget = page.widget(cell)
+    assert widget.locator(".taskapp-gone").is_hidden()
     link = widget.locator("a.taskapp-url")
     url = link.get_attribute("href")
     assert url is not None and re.fullmatch(r"http://127\.0\.0\.1:\d+", url), url
@@ -128,9 +129,44 @@ def test_quickstart_widget_in_jupyterlab(lab: JupyterServer, page: Page) -> None
     page.restart_kernel()
     wait_for(lambda: port_is_free(port), 30, f"port {port} to be freed by the kernel restart")
     assert not serves(url)
-    # the old view can't be updated any more; ipywidgets marks it disconnected
-    page.cell(cell).locator(
-        ".jupyter-widgets-disconnected").first.wait_for(timeout=30_000)
+    # the old view can't be updated any more: ipywidgets marks it disconnected, and the
+    # badge then says "disconnected" rather than the last state it was sent
+    widget.locator(".taskapp-gone").wait_for(state="visible", timeout=30_000)
+    assert widget.locator(".taskapp-badge").is_hidden()
+    assert "disconnected" in widget.locator(".taskapp-header").inner_text()
+    page.shoot("widget-disconnected", cell)
     page.shoot("notebook-after-restart")
 
+    assert unexpected_errors(page.console_errors) == [], page.console_errors
+
+
+def test_synthtunnel_widget_in_jupyterlab(lab: JupyterServer, page: Page) -> None:
+    """The quickstart's tunnel section: the default tunnel through a relay in the kernel."""
+    page.open(lab, QUICKSTART)
+    page.run_cell_and_wait("%load_ext taskapp_notebook")
+    page.run_cell_and_wait("import os\n\nfrom taskapp_notebook.relay import RelayServer")
+    cell = page.run_cell("%%taskapp --name tunneled")
+    page.wait_badge(cell, "running")
+    widget = page.widget(cell)
+    url = widget.locator("a.taskapp-url").get_attribute("href")
+    relay_url = page.evaluate_in_kernel("relay.url").strip("'")
+    assert url is not None and url.startswith(relay_url + "/s/rt_"), (url, relay_url)
+    widget.locator(".taskapp-info tr", has_text="tunnel").filter(
+        has_text="synthtunnel (connected)").wait_for(timeout=30_000)
+    token = page.evaluate_in_kernel("tunneled.task_app_worker_token").strip("'")
+    assert len(token) >= 16
+    info = widget.locator(".taskapp-info").inner_text()
+    assert "worker token" in info and "…" + token[-4:] in info
+    assert token not in page.page.content() and APP_KEY not in page.page.content()
+    response = httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {token}"},
+                         timeout=10, trust_env=False)
+    assert response.status_code == 200 and response.json()["healthy"] is True
+    page.shoot("widget-synthtunnel", cell)
+
+    # the notebook's stop cell (app, then relay): the widget says stopped, nothing answers
+    page.run_cell_and_wait("%taskapp stop tunneled")
+    page.wait_badge(cell, "stopped")
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health", timeout=10, trust_env=False)
+    assert running_ports(page) == []
     assert unexpected_errors(page.console_errors) == [], page.console_errors
