@@ -151,16 +151,20 @@ class Page:
         return index
 
     def run_cell_and_wait(self, prefix: str, timeout: float = 60) -> int:
-        """Run a cell and wait until the kernel is idle again with the cell's prompt set."""
-        index = self.run_cell(prefix)
+        """Run a cell and wait until it has a new execution count and the kernel is idle."""
+        index = self.cell_index(prefix)
+        before = self.page.evaluate(
+            "(i) => window.jupyterapp.shell.currentWidget.content.widgets[i]"
+            ".model.executionCount", index)
+        self.page.evaluate(_function(_RUN_CELL, "index"), index)
         self.page.wait_for_function(
-            """(index) => {
-                const cell = window.jupyterapp.shell.currentWidget.content.widgets[index];
-                return cell.model.executionCount !== null
-                    && window.jupyterapp.shell.currentWidget.sessionContext.session
-                        .kernel.status === 'idle';
+            """([index, before]) => {
+                const panel = window.jupyterapp.shell.currentWidget;
+                const count = panel.content.widgets[index].model.executionCount;
+                return count !== null && count !== before
+                    && panel.sessionContext.session.kernel.status === 'idle';
             }""",
-            arg=index, timeout=timeout * 1000, polling=100,
+            arg=[index, before], timeout=timeout * 1000, polling=100,
         )
         return index
 
