@@ -8,6 +8,12 @@ import pytest
 from support import free_port
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The browser suite (tests/e2e, minutes) runs after everything else (seconds), so a
+    quick failure shows first. The sort is stable: modules stay together."""
+    items.sort(key=lambda item: "e2e" in item.path.parts)
+
+
 @pytest.fixture
 def port() -> Iterator[int]:
     yield free_port()

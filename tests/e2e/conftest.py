@@ -127,9 +127,11 @@ def jupyter_server(tmp: Path, frontend: str, env: dict[str, str]) -> Iterator[Ju
         log.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """One headless Debian chromium for the session; each test opens its own context."""
+    """One headless Debian chromium per module; each test opens its own context. (Not per
+    session: Playwright's sync API keeps an event loop and greenlets in the main thread while
+    it runs, which the asyncio tests collected after these must not inherit.)"""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

@@ -57,7 +57,7 @@ class JupyterServer:
                 client.delete(f"/api/sessions/{session['id']}").raise_for_status()
 
 
-# JavaScript helpers, run in the page. ``panel()`` is the notebook on screen.
+# JavaScript run in the page; ``panel`` is the notebook on screen (the current widget).
 _PANEL = """
 const app = window.jupyterapp;
 const panel = app.shell.currentWidget;
@@ -90,10 +90,6 @@ const reply = await future.done;
 const value = reply.content.user_expressions.value;
 if (value.status !== 'ok') { throw new Error(value.ename + ': ' + value.evalue); }
 return value.data['text/plain'];
-"""
-_EXECUTE_BACKGROUND = _PANEL + """
-panel.sessionContext.session.kernel.requestExecute({code, silent: true,
-                                                    store_history: false});
 """
 
 
@@ -145,7 +141,7 @@ class Page:
         return index
 
     def run_cell(self, prefix: str) -> int:
-        """Run the first cell starting with ``prefix`` (as Shift+Enter would); don't wait."""
+        """Run the first cell starting with ``prefix`` (as Ctrl+Enter would); don't wait."""
         index = self.cell_index(prefix)
         self.page.evaluate(_function(_RUN_CELL, "index"), index)
         return index
@@ -168,14 +164,22 @@ class Page:
         )
         return index
 
+    def append_cell(self, source: str) -> int:
+        """Add a code cell with ``source`` at the end of the notebook; return its index."""
+        index: int = self.page.evaluate(
+            """(source) => {
+                const model = window.jupyterapp.shell.currentWidget.content.model;
+                model.sharedModel.addCell({cell_type: 'code', source});
+                return model.cells.length - 1;
+            }""",
+            source,
+        )
+        return index
+
     def evaluate_in_kernel(self, expression: str) -> str:
         """``repr`` of a Python expression evaluated in the notebook's kernel (user_expressions)."""
         result: str = self.page.evaluate(_function(_USER_EXPRESSION, "expression"), expression)
         return result
-
-    def execute_in_background(self, code: str) -> None:
-        """Send ``code`` to the kernel without a cell (e.g. to keep the kernel busy)."""
-        self.page.evaluate(_function(_EXECUTE_BACKGROUND, "code"), code)
 
     def restart_kernel(self) -> None:
         """Restart the kernel (as the Kernel menu does, without the confirmation dialog)."""

@@ -119,7 +119,8 @@ def test_quickstart_widget_in_jupyterlab(lab: JupyterServer, page: Page) -> None
     assert serves(url)
 
     # a blocking cell: the badge says "kernel busy", then recovers by itself
-    page.execute_in_background("import time; time.sleep(6)")
+    page.append_cell("import time\n\ntime.sleep(6)  # blocks the loop the app runs on")
+    page.run_cell("import time\n\ntime.sleep(6)")
     page.wait_badge(cell, "kernel busy", timeout=30)
     assert "kernel busy (" in widget.locator(".taskapp-header").inner_text()
     page.shoot("widget-kernel-busy", cell)
