@@ -149,7 +149,8 @@ def page(browser: Any, screenshots: Path, request: pytest.FixtureRequest) -> Ite
     """A fresh browser context and page that records console errors; on failure it saves a
     screenshot and prints the page text. Afterwards the kernels the page started are shut
     down, so tests sharing a server don't see each other's."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context = browser.new_context(viewport={"width": 1280, "height": 900},
+                                  permissions=["clipboard-read", "clipboard-write"])
     wrapped = Page(context.new_page(), screenshots)
     try:
         yield wrapped

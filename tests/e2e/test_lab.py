@@ -80,6 +80,10 @@ def test_quickstart_widget_in_jupyterlab(lab: JupyterServer, page: Page) -> None
     assert APP_KEY not in page.page.content()
     page.shoot("widget-running", cell)
 
+    # Copy puts the URL on the clipboard
+    widget.locator("button.taskapp-copy").click()
+    assert page.page.evaluate("() => navigator.clipboard.readText()") == url
+
     # the link opens the app in a new tab; from that tab's context the app answers
     with page.page.context.expect_page() as new_tab:
         link.click()
