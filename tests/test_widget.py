@@ -214,6 +214,9 @@ def test_fallbacks_are_readable(app: InProcessTaskApp, view: TaskAppView) -> Non
     assert "requests:" in text
     html_text = bundle["text/html"]
     assert 'class="taskapp-badge"' in html_text and f'href="{app.url}"' in html_text
+    # a saved card survives HTML sanitizers: plain colours, no script, no <style>
+    assert "var(" not in html_text and "onclick" not in html_text and "<style" not in html_text
+    assert "var(--jp-" in view.info.value  # the live panel follows the theme
     assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == view.widget.model_id
     pretty: list[str] = []
 

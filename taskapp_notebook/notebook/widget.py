@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import logging
+import re
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,13 @@ _STATE_STATUS = {
     AppState.STOPPED: "stopped",
     AppState.FAILED: "failed",
 }
+# JupyterLab's theme variables, so the panel reads well in light and dark themes; the
+# fallbacks are for frontends without them (and are what the light theme resolves to)
+_LABEL = "var(--jp-ui-font-color2, #666)"
+_LINK = "var(--jp-content-link-color, #1565c0)"
+_ERROR = "var(--jp-error-color1, #c62828)"
+_BORDER = "var(--jp-border-color2, #ccc)"
+_THEME_VARIABLE = re.compile(r"var\(--[\w-]+, ([^)]+)\)")
 _TRANSITIONS = (AppState.STARTING, AppState.STOPPING)
 _ACTION_TEXT = {"start": "starting…", "stop": "stopping…", "restart": "restarting…"}
 #: Once the kernel is gone the view can't be told anything; ipywidgets then marks its views
@@ -114,7 +122,7 @@ class TaskAppView(traitlets.HasTraits):
                 self.error_line,
                 self.log,
             ],
-            layout=widgets.Layout(border="1px solid #ccc", padding="4px 8px", width="auto"),
+            layout=widgets.Layout(border=f"1px solid {_BORDER}", padding="4px 8px", width="auto"),
         )
         self.widget.add_class("taskapp-view")
         app.add_listener(self._on_app_change)
@@ -146,10 +154,13 @@ class TaskAppView(traitlets.HasTraits):
 
     def summary_html(self) -> str:
         """A static HTML card (no buttons) for saved notebooks."""
-        return (
-            '<div class="taskapp-view" style="border:1px solid #ccc;padding:4px 8px">'
+        card = (
+            f'<div class="taskapp-view" style="border:1px solid {_BORDER};padding:4px 8px">'
             f"{self._header_html()}{self._info_html(static=True)}{self._log_html()}</div>"
         )
+        # plain colours: HTML sanitizers (JupyterLab's for untrusted output, nbviewer,
+        # GitHub) drop a style that uses var(), and their pages don't define the variables
+        return _THEME_VARIABLE.sub(r"\1", card)
 
     # ------------------------------------------------------------------ life
 
@@ -322,7 +333,7 @@ class TaskAppView(traitlets.HasTraits):
                 url = _esc(self.app.url)
                 shown = (
                     f'<a class="taskapp-url" href="{url}" target="_blank" rel="noopener" '
-                    f'style="color:#1565c0;text-decoration:underline">{url}</a>'
+                    f'style="color:{_LINK};text-decoration:underline">{url}</a>'
                 )
                 if not static:
                     shown += (
@@ -332,8 +343,8 @@ class TaskAppView(traitlets.HasTraits):
             else:
                 shown = _esc(self._redact(value))
             cells.append(
-                f'<tr><td style="padding:0 8px 0 0;color:#666;text-align:left">{_esc(label)}</td>'
-                f'<td style="padding:0;text-align:left">{shown}</td></tr>'
+                f'<tr><td style="padding:0 8px 0 0;color:{_LABEL};text-align:left">'
+                f'{_esc(label)}</td><td style="padding:0;text-align:left">{shown}</td></tr>'
             )
         table = '<table class="taskapp-info" style="border-collapse:collapse">'
         return f"{table}{''.join(cells)}</table>"
@@ -342,7 +353,7 @@ class TaskAppView(traitlets.HasTraits):
         if not self.error:
             return ""
         text = _esc(self.error).replace("\n", "<br>")
-        return f'<div class="taskapp-error" style="color:#c62828">{text}</div>'
+        return f'<div class="taskapp-error" style="color:{_ERROR}">{text}</div>'
 
     def _log_html(self) -> str:
         lines = self.log_lines()

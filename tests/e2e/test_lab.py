@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from typing import Any
 
 import httpx
 import pytest
@@ -78,6 +79,7 @@ def test_quickstart_widget_in_jupyterlab(lab: JupyterServer, page: Page) -> None
     health.filter(has_text=re.compile(r"HTTP 200 · \d+\.\d ms")).wait_for(timeout=30_000)
     assert serves(url)
     assert APP_KEY not in page.page.content()
+    assert min(text_contrasts(page, widget).values()) >= 4.5  # WCAG AA for normal text
     page.shoot("widget-running", cell)
 
     # Copy puts the URL on the clipboard
@@ -175,3 +177,63 @@ def test_synthtunnel_widget_in_jupyterlab(lab: JupyterServer, page: Page) -> Non
         httpx.get(f"{url}/health", timeout=10, trust_env=False)
     assert running_ports(page) == []
     assert unexpected_errors(page.console_errors) == [], page.console_errors
+
+
+def _rgb(css_color: str, under: tuple[float, ...] = (255, 255, 255)) -> tuple[float, ...]:
+    """``rgb(…)`` / ``rgba(…)`` as opaque RGB, blended over ``under`` when translucent."""
+    values = [float(v) for v in re.findall(r"[\d.]+", css_color)]
+    alpha = values[3] if len(values) > 3 else 1.0
+    return tuple(alpha * c + (1 - alpha) * u for c, u in zip(values[:3], under, strict=True))
+
+
+def _luminance(rgb: tuple[float, ...]) -> float:
+    """Relative luminance (WCAG 2)."""
+    linear = [(c / 255) / 12.92 if c / 255 <= 0.03928 else ((c / 255 + 0.055) / 1.055) ** 2.4
+              for c in rgb]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def contrast(foreground: str, background: str) -> float:
+    """WCAG 2 contrast ratio (1 to 21) of a CSS colour drawn on an opaque one."""
+    under = _rgb(background)
+    high, low = sorted((_luminance(_rgb(foreground, under)), _luminance(under)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def text_contrasts(page: Page, widget: Any) -> dict[str, float]:
+    """Contrast ratio of the widget's texts (label, value, link, name) on the notebook."""
+    background = page.page.evaluate(
+        "() => getComputedStyle(document.querySelector('.jp-Notebook')).backgroundColor")
+    texts = {
+        "label": widget.locator(".taskapp-info td").first,
+        "value": widget.locator(".taskapp-info td").nth(3),
+        "link": widget.locator("a.taskapp-url"),
+        "name": widget.locator(".taskapp-header b"),
+    }
+    return {
+        name: round(contrast(text.evaluate("e => getComputedStyle(e).color"), background), 1)
+        for name, text in texts.items()
+    }
+
+
+def test_widget_is_readable_in_the_dark_theme(lab: JupyterServer, page: Page) -> None:
+    page.open(lab, QUICKSTART)
+    page.page.evaluate(
+        "() => window.jupyterapp.commands.execute('apputils:change-theme',"
+        " {theme: 'JupyterLab Dark'})")
+    try:
+        page.page.wait_for_function(
+            "() => document.body.dataset.jpThemeLight === 'false'", timeout=30_000)
+        page.run_cell_and_wait("%load_ext taskapp_notebook")
+        cell = page.run_cell(TASKAPP_CELL)
+        page.wait_badge(cell, "running")
+        widget = page.widget(cell)
+        ratios = text_contrasts(page, widget)
+        print(f"dark theme contrast ratios: {ratios}")
+        page.shoot("widget-dark-theme", cell)
+        assert min(ratios.values()) >= 4.5, ratios  # WCAG AA for normal text
+        page.run_cell_and_wait("%taskapp stop quickstart")
+    finally:
+        page.page.evaluate(
+            "() => window.jupyterapp.commands.execute('apputils:change-theme',"
+            " {theme: 'JupyterLab Light'})")
