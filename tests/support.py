@@ -1,17 +1,18 @@
-"""Test helpers shared by every test directory: free loopback ports and a real uvicorn
-server in a thread. (A module of its own, not conftest.py, so that tests/e2e can have its
-own conftest without the two shadowing each other under the name ``conftest``.)"""
+"""Test helpers shared by every test directory: free loopback ports, polling, a minimal app
+and a real uvicorn server in a thread. (A module of its own, not conftest.py, so that
+tests/e2e can have its own conftest without the two shadowing each other as ``conftest``.)"""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 
 
 def free_port() -> int:
@@ -53,3 +54,24 @@ def serve(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 20.0) -> bool:
+    """Poll ``check`` every 10 ms until it is true or ``timeout`` seconds pass; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.01)
+    return check()
+
+
+def health_app() -> FastAPI:
+    """The smallest task app: ``GET /health`` → ``{"healthy": true}``."""
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> dict[str, bool]:
+        return {"healthy": True}
+
+    return app

@@ -13,21 +13,13 @@ import httpx
 import psutil
 import pytest
 from fastapi import FastAPI
-from support import free_port, port_is_free
+from support import free_port, health_app, port_is_free
 
 from taskapp_notebook import InProcessTaskApp, registry
 
 CYCLES = 30
 
 
-def make_app() -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/health")
-    async def health() -> dict[str, bool]:
-        return {"healthy": True}
-
-    return app
 
 
 def listening_ports() -> set[int]:
@@ -65,7 +57,7 @@ def app_port() -> Iterator[int]:
 
 
 def test_sync_with_in_thread_mode_does_not_leak(app_port: int) -> None:
-    app = InProcessTaskApp(app=make_app(), port=app_port, tunnel_mode="local",
+    app = InProcessTaskApp(app=health_app(), port=app_port, tunnel_mode="local",
                            auto_find_port=False, serve_on="thread")
     with app:  # warm-up: imports, SSL context, first-use caches
         pass
@@ -80,11 +72,11 @@ def test_sync_with_in_thread_mode_does_not_leak(app_port: int) -> None:
 
 
 def test_start_stop_in_thread_mode_with_fresh_instances_does_not_leak(app_port: int) -> None:
-    with InProcessTaskApp(app=make_app(), port=app_port, tunnel_mode="local"):
+    with InProcessTaskApp(app=health_app(), port=app_port, tunnel_mode="local"):
         pass
     baseline = Baseline()
     for _ in range(CYCLES):
-        app = InProcessTaskApp(app=make_app(), port=app_port, tunnel_mode="local",
+        app = InProcessTaskApp(app=health_app(), port=app_port, tunnel_mode="local",
                                auto_find_port=False)
         app.start()
         assert app.is_running
@@ -93,7 +85,7 @@ def test_start_stop_in_thread_mode_with_fresh_instances_does_not_leak(app_port: 
 
 
 async def test_async_with_in_loop_mode_does_not_leak(app_port: int) -> None:
-    app = InProcessTaskApp(app=make_app(), port=app_port, tunnel_mode="local",
+    app = InProcessTaskApp(app=health_app(), port=app_port, tunnel_mode="local",
                            auto_find_port=False, serve_on="loop")
     async with app:
         pass
@@ -109,7 +101,7 @@ async def test_async_with_in_loop_mode_does_not_leak(app_port: int) -> None:
 
 
 async def test_async_with_in_thread_mode_does_not_leak(app_port: int) -> None:
-    app = InProcessTaskApp(app=make_app(), port=app_port, tunnel_mode="local",
+    app = InProcessTaskApp(app=health_app(), port=app_port, tunnel_mode="local",
                            auto_find_port=False, serve_on="thread")
     async with app:
         pass
@@ -142,7 +134,7 @@ async def test_a_client_connecting_just_before_stop_leaves_no_socket(
 ) -> None:
     """asyncio drops a socket it accepted when its server closes before the transport is
     made; stop() must let such connections register so it can close them."""
-    app = InProcessTaskApp(app=make_app(), port=app_port, tunnel_mode="local",
+    app = InProcessTaskApp(app=health_app(), port=app_port, tunnel_mode="local",
                            auto_find_port=False, serve_on=serve_on)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)

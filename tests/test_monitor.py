@@ -6,12 +6,13 @@ import json
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI, Response
+from support import wait_for
 
 from taskapp_notebook import InProcessTaskApp
 from taskapp_notebook.errors import InvalidParameterError
@@ -22,13 +23,6 @@ from taskapp_notebook.tunnels.base import TunnelState
 SECRET = "monitor-test-secret-key-abcdefgh"
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def make_api(healthy: dict[str, bool]) -> FastAPI:

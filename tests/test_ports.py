@@ -21,8 +21,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from fastapi import FastAPI
-from support import free_port, port_is_free
+from support import free_port, health_app, port_is_free
 
 from taskapp_notebook import AppState, InProcessTaskApp, PortInUseError, registry
 from taskapp_notebook.ports import (
@@ -36,14 +35,6 @@ from taskapp_notebook.ports import (
 FOREIGN = Path(__file__).parent / "scripts" / "foreign_listener.py"
 
 
-def make_app() -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/health")
-    async def health() -> dict[str, bool]:
-        return {"healthy": True}
-
-    return app
 
 
 class Foreign:
@@ -97,7 +88,7 @@ def foreign() -> Iterator[Callable[..., Foreign]]:
 
 
 def task_app(port: int, **kwargs: object) -> InProcessTaskApp:
-    return InProcessTaskApp(app=make_app(), port=port, tunnel_mode="local", **kwargs)  # type: ignore[arg-type]
+    return InProcessTaskApp(app=health_app(), port=port, tunnel_mode="local", **kwargs)  # type: ignore[arg-type]
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -3,39 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 
 import httpx
 import pytest
 from fastapi import FastAPI
-from support import free_port, port_is_free
+from support import free_port, health_app, port_is_free, wait_for
 
 from taskapp_notebook import AppState, InProcessTaskApp
 from taskapp_notebook.relay import RelayServer
 
 
-def make_app() -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/health")
-    async def health() -> dict[str, bool]:
-        return {"healthy": True}
-
-    return app
-
-
-def wait_for(check: Callable[[], bool], seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not check():
-        time.sleep(0.01)
-    return check()
-
-
 def test_astop_from_another_loop_while_the_apps_loop_is_idle() -> None:
     port = free_port()
     own_loop = asyncio.new_event_loop()
-    app = InProcessTaskApp(app=make_app(), tunnel_mode="local", serve_on="loop", port=port,
+    app = InProcessTaskApp(app=health_app(), tunnel_mode="local", serve_on="loop", port=port,
                            api_key="k")
     try:
         own_loop.run_until_complete(app.astart())  # the app's loop now sits idle
@@ -48,7 +29,7 @@ def test_astop_from_another_loop_while_the_apps_loop_is_idle() -> None:
 
 async def test_cancelled_astop_still_finishes_the_stop() -> None:
     port = free_port()
-    app = InProcessTaskApp(app=make_app(), tunnel_mode="local", serve_on="thread", port=port,
+    app = InProcessTaskApp(app=health_app(), tunnel_mode="local", serve_on="thread", port=port,
                            api_key="k")
     await app.astart()
     with pytest.raises(TimeoutError):
@@ -67,7 +48,7 @@ def test_stop_after_the_loop_closed_deletes_the_lease(monkeypatch: pytest.Monkey
         monkeypatch.setenv("SYNTH_BACKEND_URL", relay.url)
         monkeypatch.setenv("SYNTH_API_KEY", "relay-key")
         port = free_port()
-        app = InProcessTaskApp(app=make_app(), serve_on="loop", port=port, api_key="k")
+        app = InProcessTaskApp(app=health_app(), serve_on="loop", port=port, api_key="k")
 
         async def start_and_leave() -> str:
             await app.astart()

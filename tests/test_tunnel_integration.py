@@ -5,37 +5,16 @@ and secrets masked throughout. Real relay, real agent, real app, all on loopback
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
-from fastapi import FastAPI
-from support import free_port
+from support import free_port, health_app, wait_for
 
 from taskapp_notebook import InProcessTaskApp
 from taskapp_notebook.notebook.widget import TaskAppView
 from taskapp_notebook.relay import RelayServer
 from taskapp_notebook.tunnels.base import TunnelState
-
-
-def make_app() -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/health")
-    async def health() -> dict[str, bool]:
-        return {"healthy": True}
-
-    return app
-
-
-def wait_for(check: Callable[[], bool], seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
 
 
 @pytest.fixture
@@ -59,7 +38,7 @@ def test_relay_outage_shows_in_widget_and_recovers_with_new_url(
     relay_env: tuple[RelayServer, int],
 ) -> None:
     relay, relay_port = relay_env
-    task_app = InProcessTaskApp(app=make_app(), serve_on="thread", port=free_port(),
+    task_app = InProcessTaskApp(app=health_app(), serve_on="thread", port=free_port(),
                                 api_key="app-secret-key-123456", skip_tunnel_verification=False)
     task_app.start()  # verification: GET {url}/health through the relay with the worker token
     view = TaskAppView(task_app, interval=0.2)
@@ -82,7 +61,7 @@ def test_relay_outage_shows_in_widget_and_recovers_with_new_url(
         fresh = RelayServer(api_keys=["relay-key"], port=relay_port).start_in_thread()
         try:
             assert wait_for(lambda: task_app.url is not None and task_app.url != first_url,
-                            seconds=30)
+                            timeout=30)
             assert wait_for(lambda: view.status == "running")
             new_token = task_app.task_app_worker_token
             assert new_token and new_token != token

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import ipywidgets as widgets
 import pytest
 from fastapi import FastAPI
-from support import free_port, port_is_free
+from support import free_port, port_is_free, wait_for
 
 from taskapp_notebook import AppState, InProcessTaskApp
 from taskapp_notebook.health import auth_headers
@@ -46,13 +45,6 @@ def serves(app: InProcessTaskApp, port: int) -> bool:
     return response.status_code == 200
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def all_widgets(root: Any) -> Iterator[Any]:
