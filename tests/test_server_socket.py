@@ -5,21 +5,10 @@ from __future__ import annotations
 import socket
 
 import httpx
-from fastapi import FastAPI
-from support import free_port
+from support import free_port, health_app
 
 from taskapp_notebook import InProcessTaskApp
 from taskapp_notebook.ports import bind_listener
-
-
-def health_app() -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/health")
-    async def health() -> dict[str, bool]:
-        return {"healthy": True}
-
-    return app
 
 
 def test_listener_declares_tcp_so_asyncio_sets_nodelay() -> None:
