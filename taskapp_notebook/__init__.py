@@ -25,13 +25,14 @@ if TYPE_CHECKING:
     from .contract import create_task_app
     from .jobs import run_in_process_job
     from .models import TaskAppConfig
-    from .runner import AppState, InProcessTaskApp
+    from .runner import AppState, InProcessContainer, InProcessTaskApp
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AppState",
     "HealthCheckError",
+    "InProcessContainer",
     "InProcessTaskApp",
     "InvalidParameterError",
     "PortInUseError",
@@ -51,6 +52,7 @@ __all__ = [
 
 _LAZY = {
     "AppState": "taskapp_notebook.runner",
+    "InProcessContainer": "taskapp_notebook.runner",
     "InProcessTaskApp": "taskapp_notebook.runner",
     "TaskAppConfig": "taskapp_notebook.models",
     "create_task_app": "taskapp_notebook.contract",

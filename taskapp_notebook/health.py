@@ -85,8 +85,23 @@ async def check_once(
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         return HealthResult(False, None, error, time.perf_counter() - started, time.time())
     elapsed = time.perf_counter() - started
-    return HealthResult(response.status_code == 200, response.status_code, None, elapsed,
+    code = _error_code(response) if response.status_code == 503 else None
+    return HealthResult(response.status_code == 200, response.status_code, code, elapsed,
                         time.time())
+
+
+#: The error code task apps (ours and synth-ai's) answer with when no key is configured.
+_NO_KEY = "missing_environment_api_key"
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    """``detail.error.code`` of an SDK-shaped error body, if there is one."""
+    try:
+        body = response.json()
+        code = body["detail"]["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return code if isinstance(code, str) else None
 
 
 async def wait_healthy(
@@ -129,10 +144,16 @@ async def wait_healthy(
                     "A task app must answer GET /health with 200; apps built from a "
                     "TaskAppConfig get one from create_task_app."
                 )
-            if local and result.status in (401, 403):
+            if local and result.status in (400, 401, 403):
+                # 400: synth-ai 0.7 task apps answer a wrong or missing key with it.
                 raise HealthCheckError(
                     f"The {what} at {url} rejected the key (HTTP {result.status} on /health): "
                     "set ENVIRONMENT_API_KEY or pass api_key= with the key the app expects."
+                )
+            if local and result.status == 503 and result.error == _NO_KEY:
+                raise HealthCheckError(
+                    f"The {what} at {url} has no API key configured (HTTP 503 on /health, "
+                    f"{_NO_KEY}): set ENVIRONMENT_API_KEY before starting it, or pass api_key=."
                 )
             if loop.time() + delay >= deadline:
                 # The last check may have been cut short by the deadline (ReadTimeout);

@@ -1,16 +1,23 @@
 """Load a task app from a ``.py`` file.
 
 :func:`load_task_app` executes the file as a fresh, uniquely named module (re-loading the
-same path runs the current source again, never a cached copy) and looks for, in order:
+same path runs the current source again, never a cached copy) and looks for, in the order
+synth-ai's own runner does (``get_asgi_app``, then ``build_config``, then its registry):
 
 1. ``app`` — an ASGI application (for example a FastAPI instance);
-2. ``build_config()`` — returns a :class:`~taskapp_notebook.models.TaskAppConfig`;
-3. ``config`` — a ``TaskAppConfig``;
-4. ``config_factory()`` — returns a ``TaskAppConfig``.
+2. a zero-argument factory ``fastapi_app`` / ``create_app`` / ``build_app`` /
+   ``configure_app`` / ``get_app`` / ``app_factory`` that returns one;
+3. ``build_config()`` — returns a :class:`~taskapp_notebook.models.TaskAppConfig`;
+4. ``config`` — a ``TaskAppConfig``;
+5. ``config_factory()`` — returns a ``TaskAppConfig``;
+6. the synth-ai registry entry named by ``APP_ID`` (or the file's stem), registered by the
+   file with ``register_container`` / ``register_task_app``.
 
-:func:`load_task_app` returns what it found: the ASGI app, or the ``TaskAppConfig`` (turn it
-into an app with ``create_task_app``). :func:`load_task_app_module` returns a
-:class:`LoadedTaskApp` with the module and which name was used as well. While
+Wherever a ``TaskAppConfig`` is expected, synth-ai's own config (0.9.x ``ContainerConfig``,
+0.7.x ``LocalAPIConfig``) is accepted too and built by synth-ai's factory
+(:mod:`taskapp_notebook.sdk_compat`). :func:`load_task_app` returns the ASGI app, or our
+``TaskAppConfig`` (turn it into an app with ``create_task_app``). :func:`load_task_app_module`
+returns a :class:`LoadedTaskApp` with the module and which name was used as well. While
 the file runs, its directory is first on ``sys.path`` so it can import sibling modules;
 siblings imported that way are re-imported on the next load from that directory.
 """
@@ -20,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import itertools
 import logging
 import os
@@ -32,6 +40,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from . import sdk_compat
 from .errors import InvalidParameterError, TaskAppLoadError, TaskAppNotFoundError
 
 if TYPE_CHECKING:
@@ -39,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LOOKED_FOR",
+    "BuiltApp",
     "LoadedTaskApp",
     "load_task_app",
     "load_task_app_module",
@@ -50,9 +60,12 @@ logger = logging.getLogger(__name__)
 #: What a task-app file may define, in the order it is looked for.
 LOOKED_FOR: tuple[str, ...] = (
     "`app` (an ASGI application, e.g. a FastAPI instance)",
-    "`build_config()` (returns a TaskAppConfig)",
+    "a factory " + "/".join(f"`{n}()`" for n in sdk_compat.SDK_FACTORY_NAMES)
+    + " (returns an ASGI app)",
+    "`build_config()` (returns a TaskAppConfig or synth-ai's ContainerConfig/LocalAPIConfig)",
     "`config` (a TaskAppConfig)",
     "`config_factory()` (returns a TaskAppConfig)",
+    "the synth-ai registry entry `APP_ID` (register_container / register_task_app)",
 )
 
 _counter = itertools.count(1)
@@ -63,13 +76,18 @@ _siblings: dict[Path, set[str]] = {}
 
 @dataclass(frozen=True)
 class LoadedTaskApp:
-    """What :func:`load_task_app` found. Exactly one of ``app`` / ``config`` is set."""
+    """What :func:`load_task_app` found. Exactly one of ``app`` / ``config`` is set.
+
+    A synth-ai config is built at once by synth-ai's factory: ``app`` holds the result and
+    ``sdk_config`` the config object.
+    """
 
     path: Path
     module: ModuleType
     source: str
     app: Callable[..., Any] | None = None
     config: TaskAppConfig | None = None
+    sdk_config: Any = None
 
     def build_app(self, *, api_keys: Sequence[str] | None = None) -> Callable[..., Any]:
         """The ASGI app: ``app`` as is, or ``create_task_app(config, api_keys=...)``."""
@@ -173,6 +191,16 @@ def _execute(path: Path) -> ModuleType:
     return module
 
 
+def _takes_no_arguments(fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return all(
+        p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params
+    )
+
+
 def _call_factory(path: Path, attr: str, factory: Any) -> Any:
     if not callable(factory):
         raise TaskAppLoadError(
@@ -195,6 +223,34 @@ def load_task_app(path: str | os.PathLike[str]) -> Callable[..., Any] | TaskAppC
     return loaded.config
 
 
+def _found(
+    resolved: Path, module: ModuleType, source: str, value: Any, what: str
+) -> LoadedTaskApp:
+    """Wrap what ``source`` gave: an ASGI app, our TaskAppConfig or a synth-ai config.
+
+    ``what`` names it for messages, e.g. "`build_config()`" or "registry entry 'x'".
+    """
+    from .models import TaskAppConfig
+
+    where = str(resolved)
+    if isinstance(value, TaskAppConfig):
+        logger.debug("Loaded TaskAppConfig %r via `%s` from %s", value.app_id, source, where)
+        return LoadedTaskApp(path=resolved, module=module, source=source, config=value)
+    if sdk_compat.is_sdk_config(value):
+        app = sdk_compat.build_sdk_app(value, f"the {type(value).__name__} of {what} in {where!r}")
+        return LoadedTaskApp(
+            path=resolved, module=module, source=source, app=app, sdk_config=value
+        )
+    if source in ("app", *sdk_compat.SDK_FACTORY_NAMES) and callable(value):
+        logger.debug("Loaded ASGI app via `%s` from %s", source, where)
+        return LoadedTaskApp(path=resolved, module=module, source=source, app=value)
+    verb = "returned" if what.endswith("()`") else "is"
+    raise TaskAppLoadError(
+        f"{what} in {where!r} {verb} {type(value).__name__}, not a TaskAppConfig (use "
+        "taskapp_notebook.TaskAppConfig, or synth-ai's ContainerConfig / LocalAPIConfig)."
+    )
+
+
 def load_task_app_module(path: str | os.PathLike[str]) -> LoadedTaskApp:
     """Execute the task-app file at ``path`` and report what it defines (see module doc)."""
     from .models import TaskAppConfig
@@ -211,46 +267,67 @@ def load_task_app_module(path: str | os.PathLike[str]) -> LoadedTaskApp:
                 f"`app` in {where!r} is a TaskAppConfig; name it `config` or wrap it with "
                 "create_task_app(...)."
             )
-        if not callable(app):
+        if not callable(app) and not sdk_compat.is_sdk_config(app):
             raise TaskAppLoadError(
                 f"`app` in {where!r} is not an ASGI application (got {type(app).__name__})."
             )
-        logger.debug("Loaded ASGI app `app` from %s", where)
-        return LoadedTaskApp(path=resolved, module=module, source="app", app=app)
+        return _found(resolved, module, "app", app, "`app`")
+
+    for name in sdk_compat.SDK_FACTORY_NAMES:
+        factory = found.get(name)
+        if not callable(factory) or not _takes_no_arguments(factory):
+            continue
+        produced = _call_factory(resolved, name, factory)
+        if callable(produced) or isinstance(produced, TaskAppConfig) or (
+            sdk_compat.is_sdk_config(produced)
+        ):
+            return _found(resolved, module, name, produced, f"`{name}()`")
+        logger.debug("`%s()` in %s returned %s; looking further", name, where,
+                     type(produced).__name__)
 
     for attr, is_factory in (("build_config", True), ("config", False), ("config_factory", True)):
         if attr not in found:
             continue
         value = _call_factory(resolved, attr, found[attr]) if is_factory else found[attr]
-        if not isinstance(value, TaskAppConfig):
-            what = (
-                f"`{attr}()` in {where!r} returned" if is_factory else f"`{attr}` in {where!r} is"
-            )
-            raise TaskAppLoadError(
-                f"{what} {type(value).__name__}, not a TaskAppConfig (use "
-                "taskapp_notebook.TaskAppConfig)."
-            )
-        logger.debug("Loaded TaskAppConfig %r via `%s` from %s", value.app_id, attr, where)
-        return LoadedTaskApp(path=resolved, module=module, source=attr, config=value)
+        return _found(resolved, module, attr, value, f"`{attr}()`" if is_factory else f"`{attr}`")
+
+    entry = sdk_compat.registry_config(module, resolved.stem)
+    if entry is not None:
+        app_id, value = entry
+        return _found(resolved, module, "registry", value, f"registry entry {app_id!r}")
 
     raise TaskAppLoadError(
         f"{where!r} defines no task app. Looked for, in order: " + "; ".join(LOOKED_FOR) + "."
     )
 
 
+@dataclass(frozen=True)
+class BuiltApp:
+    """The ASGI app to serve and the key it was given (see :func:`build_asgi_app`)."""
+
+    app: Callable[..., Any]
+    api_key: str
+    api_key_source: str
+    sdk: str | None = None
+
+
 def build_asgi_app(
     *,
     app: Any | None = None,
-    config: TaskAppConfig | None = None,
-    config_factory: Callable[[], TaskAppConfig] | None = None,
+    config: Any | None = None,
+    config_factory: Callable[[], Any] | None = None,
     task_app_path: Path | None = None,
     api_key: str,
-) -> Callable[..., Any]:
-    """The ASGI app for whichever input InProcessTaskApp was given.
+    api_key_source: str = "argument",
+    name: str = "task app",
+) -> BuiltApp:
+    """The ASGI app for whichever input InProcessTaskApp was given, and its key.
 
     A TaskAppConfig (direct, from the factory, or from the file) goes through
     ``create_task_app``; an app built that way is told ``api_key`` (``app.state``), so it
-    never has to be written into ``os.environ``.
+    never has to be written into ``os.environ``. A synth-ai config is built by synth-ai;
+    an app synth-ai built reads its key from ``ENVIRONMENT_API_KEY``, so it is wrapped in
+    :class:`~taskapp_notebook.sdk_compat.EnvKeyedApp`, which exports the key while it runs.
     """
     if app is None:
         if config is None and config_factory is not None:
@@ -269,15 +346,28 @@ def build_asgi_app(
             from .contract import create_task_app
             from .models import TaskAppConfig as ConfigType
 
-            if not isinstance(config, ConfigType):
+            if sdk_compat.is_sdk_config(config):
+                app = sdk_compat.build_sdk_app(config, f"the {type(config).__name__} given")
+            elif not isinstance(config, ConfigType):
                 raise TaskAppLoadError(
                     f"Expected a TaskAppConfig, got {type(config).__name__}. Build it with "
                     "taskapp_notebook.TaskAppConfig(...)."
                 )
-            app = create_task_app(config)
+            else:
+                app = create_task_app(config)
+    if not callable(app):
+        raise TaskAppLoadError(f"{app!r} is not an ASGI app (it is not callable).")
     state = getattr(app, "state", None)
     if state is not None and getattr(state, "taskapp_contract", False):
         state.taskapp_api_keys = (api_key,)
-    if not callable(app):
-        raise TaskAppLoadError(f"{app!r} is not an ASGI app (it is not callable).")
-    return app
+        return BuiltApp(app, api_key, api_key_source)
+    if not sdk_compat.is_sdk_app(app):
+        return BuiltApp(app, api_key, api_key_source)
+    api_key, api_key_source = sdk_compat.key_at_start(api_key, api_key_source)
+    sdk_compat.warn_if_token_auth(app, name)
+    return BuiltApp(
+        sdk_compat.EnvKeyedApp(app, api_key, name),
+        api_key,
+        api_key_source,
+        sdk=sdk_compat.sdk_generation(app),
+    )

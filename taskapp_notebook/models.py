@@ -18,6 +18,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, mo
 from .errors import InvalidParameterError
 
 __all__ = [
+    "CandidateValidationIssue",
     "DatasetInfo",
     "InferenceInfo",
     "LimitsInfo",
@@ -31,6 +32,8 @@ __all__ = [
     "TaskAppConfig",
     "TaskDescriptor",
     "TaskInfo",
+    "ValidateCandidateRequest",
+    "ValidateCandidateResponse",
 ]
 
 #: The two spellings of a rollout's id, newest first.
@@ -118,7 +121,8 @@ class RolloutSafetyConfig(_OpenModel):
 
 
 class RolloutRequest(_OpenModel):
-    """``POST /rollout`` body.
+    """``POST /rollout`` body. ``env`` and ``policy`` are required (a request without
+    either is answered 422 naming the field, as both SDK generations do).
 
     Newer clients send ``trace_correlation_id``, older ones ``run_id``; either is accepted
     and both attributes are filled with the id received. ``received_id_keys`` says which
@@ -127,8 +131,8 @@ class RolloutRequest(_OpenModel):
 
     trace_correlation_id: str = ""
     run_id: str | None = None
-    env: RolloutEnvSpec = Field(default_factory=RolloutEnvSpec)
-    policy: RolloutPolicySpec = Field(default_factory=RolloutPolicySpec)
+    env: RolloutEnvSpec
+    policy: RolloutPolicySpec
     on_done: str = "reset"
     safety: RolloutSafetyConfig = Field(default_factory=RolloutSafetyConfig)
     training_session_id: str | None = None
@@ -197,6 +201,40 @@ class RolloutResponse(_OpenModel):
     override_application_results: list[Any] | None = None
 
 
+class CandidateValidationIssue(_OpenModel):
+    """One problem (or warning) found in a candidate by ``/validate-candidate``."""
+
+    code: str
+    message: str | None = None
+    path: str | None = None
+    constraint: str | None = None
+
+
+class ValidateCandidateRequest(_OpenModel):
+    """``POST /validate-candidate`` body (synth-ai 0.9's optional candidate check)."""
+
+    job_id: str | None = None
+    candidate_id: str
+    optimization_mode: str = "optimize_anything"
+    artifact_kind: str
+    artifact_payload: dict[str, Any] | list[Any] | str | int | float | bool | None
+    artifact_schema: dict[str, Any] | str | None = None
+    artifact_bounds: dict[str, Any] | None = None
+    trace_context: dict[str, Any] | None = None
+
+
+class ValidateCandidateResponse(_OpenModel):
+    """``POST /validate-candidate`` result."""
+
+    status: str
+    errors: list[CandidateValidationIssue] = Field(default_factory=list)
+    warnings: list[CandidateValidationIssue] = Field(default_factory=list)
+    suggested_fixes: list[dict[str, Any]] | None = None
+    normalized_preview: str | None = None
+    validation_digest: str | None = None
+    validator_version: str | None = None
+
+
 # --- app configuration ----------------------------------------------------------------------
 
 
@@ -208,6 +246,8 @@ InstanceProvider = Callable[[list[int]], Any]
 RolloutExecutor = Callable[..., Any]
 #: Startup / shutdown hook: ``hook()`` or ``hook(app)``, sync or async.
 Hook = Callable[..., Any]
+#: ``validate_candidate(request, fastapi_request)`` -> ValidateCandidateResponse / mapping.
+CandidateValidator = Callable[..., Any]
 
 
 @dataclass
@@ -217,6 +257,15 @@ class TaskAppConfig:
     ``describe_taskset`` is the SDK's older name for ``provide_taskset_description``.
     ``middleware`` items are ``starlette.middleware.Middleware`` objects, middleware classes,
     or ``(cls, kwargs)`` pairs.
+
+    Fields of synth-ai's ``ContainerConfig`` (0.9.x) and ``TaskAppConfig`` /
+    ``LocalAPIConfig`` (0.7.x) are accepted too (docs/sdk-compatibility.md):
+    ``validate_candidate`` serves ``POST /validate-candidate``; ``expose_debug_env`` serves
+    ``GET /debug/env`` (which variables are set, never their values); ``dataset_registry``
+    is kept (on ``app.state.taskapp_config``) and not served, as in the SDK;
+    ``ensure_localapi_auth`` / ``ensure_container_auth`` are ignored (the runner hands the
+    app its key; nothing is minted, persisted or uploaded); ``proxy`` vendor routes are not
+    served (a warning says so when one is enabled).
     """
 
     app_id: str
@@ -235,6 +284,12 @@ class TaskAppConfig:
     startup_hooks: Sequence[Hook] = ()
     shutdown_hooks: Sequence[Hook] = ()
     describe_taskset: TasksetDescriber | None = None
+    validate_candidate: CandidateValidator | None = None
+    dataset_registry: Any = None
+    proxy: Any = None
+    expose_debug_env: bool = True
+    ensure_localapi_auth: bool = True
+    ensure_container_auth: bool = True
 
     def __post_init__(self) -> None:
         for name in ("app_id", "name"):
@@ -249,7 +304,12 @@ class TaskAppConfig:
             )
         if self.provide_taskset_description is None:
             self.provide_taskset_description = self.describe_taskset
-        for name in ("provide_taskset_description", "provide_task_instances", "rollout"):
+        for name in (
+            "provide_taskset_description",
+            "provide_task_instances",
+            "rollout",
+            "validate_candidate",
+        ):
             value = getattr(self, name)
             if value is not None and not callable(value):
                 raise InvalidParameterError(

@@ -25,6 +25,17 @@ def check_one_input(inputs: dict[str, Any]) -> str:
     return given[0]
 
 
+def path_alias(task_app_path: Any, container_path: Any) -> Any:
+    """``container_path`` (synth-ai 0.9's name) is an alias of ``task_app_path``."""
+    if container_path is None:
+        return task_app_path
+    if task_app_path is not None:
+        raise InvalidParameterError(
+            "Pass task_app_path= or its alias container_path=, not both."
+        )
+    return container_path
+
+
 def check_tunnel(tunnel_mode: object, tunnel_backend: object | None) -> str:
     """The canonical mode: ``tunnel_backend`` (any alias) overrides ``tunnel_mode``."""
     if tunnel_backend is not None:

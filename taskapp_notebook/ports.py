@@ -27,11 +27,11 @@ def validate_port(port: object) -> int:
     """Return ``port`` if it is an int in [1024, 65535]; else raise InvalidParameterError."""
     if isinstance(port, bool) or not isinstance(port, int):
         raise InvalidParameterError(
-            f"port must be an int in [{MIN_PORT}, {MAX_PORT}], got {port!r}."
+            f"Port must be an int in [{MIN_PORT}, {MAX_PORT}], got {port!r}."
         )
     if not MIN_PORT <= port <= MAX_PORT:
         raise InvalidParameterError(
-            f"port must be in range [{MIN_PORT}, {MAX_PORT}], got {port!r}. "
+            f"Port must be in range [{MIN_PORT}, {MAX_PORT}], got {port!r}. "
             "Ports below 1024 need root; pick e.g. 8114."
         )
     return port
@@ -41,7 +41,7 @@ def validate_host(host: object) -> str:
     """Return ``host`` if it is one of ALLOWED_HOSTS; else raise InvalidParameterError."""
     if host not in ALLOWED_HOSTS:
         raise InvalidParameterError(
-            f"host must be one of {', '.join(map(repr, ALLOWED_HOSTS))} for security, "
+            f"Host must be one of {', '.join(map(repr, ALLOWED_HOSTS))} for security, "
             f"got {host!r}. Expose the app through a tunnel instead of a public interface."
         )
     return str(host)

@@ -77,6 +77,7 @@ class InProcessTaskApp:
         config: TaskAppConfig | None = None,
         config_factory: Callable[[], TaskAppConfig] | None = None,
         task_app_path: Path | str | None = None,
+        container_path: Path | str | None = None,
         port: int = 8114,
         host: str = "127.0.0.1",
         tunnel_mode: str = "synthtunnel",
@@ -94,6 +95,7 @@ class InProcessTaskApp:
         serve_on: ServeOn = "auto",
         name: str | None = None,
     ) -> None:
+        task_app_path = params.path_alias(task_app_path, container_path)
         kind = params.check_one_input({
             "app": app, "config": config, "config_factory": config_factory,
             "task_app_path": task_app_path,
@@ -298,6 +300,11 @@ class InProcessTaskApp:
         with contextlib.suppress(ValueError):
             self._listeners.remove(callback)
 
+    @property
+    def container_worker_token(self) -> str | None:
+        """synth-ai 0.9's name for :attr:`task_app_worker_token`."""
+        return self.task_app_worker_token
+
     def snapshot(self) -> dict[str, Any]:
         """A JSON-able summary with secrets masked."""
         status = self.tunnel.status if self.tunnel is not None else None
@@ -400,10 +407,13 @@ class InProcessTaskApp:
             tunnel.preflight(self._tunnel_context())
             from .loading import build_asgi_app
 
-            asgi_app: ASGIApp = build_asgi_app(
+            built = build_asgi_app(
                 app=self._app, config=self._config, config_factory=self._config_factory,
                 task_app_path=self.task_app_path, api_key=self.api_key,
+                api_key_source=self.api_key_source, name=self.name,
             )
+            asgi_app: ASGIApp = built.app
+            self.api_key, self.api_key_source = built.api_key, built.api_key_source
             sock = await acquire_port(self.host, self.requested_port,
                                       auto_find_port=self.auto_find_port)
             self.port = sock.getsockname()[1]
@@ -649,6 +659,10 @@ class InProcessTaskApp:
                 f"The tunnel opened but does not reach the app: {exc} "
                 "Pass skip_tunnel_verification=True to start without this check."
             ) from exc
+
+
+#: synth-ai 0.9's name: ``from taskapp_notebook import InProcessContainer`` runs 0.9 code.
+InProcessContainer = InProcessTaskApp
 
 
 def _default_name(kind: str, path: Path | None) -> str:

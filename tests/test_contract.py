@@ -140,6 +140,9 @@ def test_async_taskset_and_instance_callbacks() -> None:
 
 # --- rollouts --------------------------------------------------------------------------------
 
+#: The smallest env and policy a rollout request may carry (both are required).
+EP: dict[str, Any] = {"env": {}, "policy": {}}
+
 
 def test_rollout_round_trip_trace_correlation_id_async_callback() -> None:
     body = {"trace_correlation_id": "tc-1", "env": {"seed": 5}, "policy": {}, "new_key": 1}
@@ -168,7 +171,7 @@ def test_rollout_round_trip_run_id_sync_callback() -> None:
 
 
 def test_rollout_with_both_ids_echoes_both() -> None:
-    body = {"trace_correlation_id": "tc-2", "run_id": "r-2"}
+    body = {"trace_correlation_id": "tc-2", "run_id": "r-2", **EP}
     with client_for(make_config(), api_keys=[KEY]) as client:
         data = client.post("/rollout", json=body, headers=AUTH).json()
     assert data["trace_correlation_id"] == "tc-2" and data["run_id"] == "r-2"
@@ -181,12 +184,29 @@ def test_rollout_without_any_id_is_rejected() -> None:
     assert "trace_correlation_id" in response.text and "run_id" in response.text
 
 
+@pytest.mark.parametrize("missing", ["env", "policy"])
+def test_rollout_without_env_or_policy_is_a_422_naming_the_field(missing: str) -> None:
+    called: list[RolloutRequest] = []
+    config = make_config(rollout=lambda request, fastapi_request: called.append(request))
+    body = {"trace_correlation_id": "x", **EP}
+    del body[missing]
+    with client_for(config, api_keys=[KEY]) as client:
+        response = client.post("/rollout", json=body, headers=AUTH)
+        wrong_type = client.post(
+            "/rollout", json={**body, missing: "not-an-object"}, headers=AUTH
+        )
+    assert response.status_code == 422
+    assert [e["loc"] for e in response.json()["detail"]] == [["body", missing]]
+    assert response.json()["detail"][0]["type"] == "missing"
+    assert wrong_type.status_code == 422 and not called
+
+
 def test_rollout_mapping_result_single_arg_callback_and_metrics_alias() -> None:
     def rollout(request: RolloutRequest) -> dict[str, Any]:
         return {"metrics": {"outcome_reward": 0.25}, "custom": "kept"}
 
     with client_for(make_config(rollout=rollout), api_keys=[KEY]) as client:
-        data = client.post("/rollout", json={"run_id": "r-3"}, headers=AUTH).json()
+        data = client.post("/rollout", json={"run_id": "r-3", **EP}, headers=AUTH).json()
     assert data["run_id"] == "r-3"
     assert data["reward_info"]["outcome_reward"] == 0.25
     assert data["custom"] == "kept"
@@ -197,18 +217,18 @@ def test_rollout_errors_are_json() -> None:
         raise KeyError("no-such-sample")
 
     with client_for(make_config(rollout=broken), api_keys=[KEY]) as client:
-        response = client.post("/rollout", json={"trace_correlation_id": "x"}, headers=AUTH)
+        response = client.post("/rollout", json={"trace_correlation_id": "x", **EP}, headers=AUTH)
     assert response.status_code == 500
     error = response.json()["detail"]["error"]
     assert error["code"] == "rollout_failed" and "no-such-sample" in error["message"]
 
     with client_for(make_config(rollout=lambda r, f: 42), api_keys=[KEY]) as client:
-        response = client.post("/rollout", json={"trace_correlation_id": "x"}, headers=AUTH)
+        response = client.post("/rollout", json={"trace_correlation_id": "x", **EP}, headers=AUTH)
     assert response.status_code == 500
     assert "returned int" in response.json()["detail"]["error"]["message"]
 
     with client_for(make_config(rollout=None), api_keys=[KEY]) as client:
-        response = client.post("/rollout", json={"trace_correlation_id": "x"}, headers=AUTH)
+        response = client.post("/rollout", json={"trace_correlation_id": "x", **EP}, headers=AUTH)
     assert response.status_code == 501
 
 
@@ -233,7 +253,7 @@ def test_sync_rollout_does_not_block_the_event_loop() -> None:
     with client_for(config, api_keys=[KEY]) as client:
         worker = threading.Thread(
             target=lambda: results.append(
-                client.post("/rollout", json={"trace_correlation_id": "b"}, headers=AUTH)
+                client.post("/rollout", json={"trace_correlation_id": "b", **EP}, headers=AUTH)
             )
         )
         worker.start()
@@ -429,5 +449,5 @@ def test_key_lookup_order(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_require_api_key_false_serves_without_keys() -> None:
     with client_for(make_config(require_api_key=False)) as client:
         assert client.get("/health").status_code == 200
-        response = client.post("/rollout", json={"trace_correlation_id": "open"})
+        response = client.post("/rollout", json={"trace_correlation_id": "open", **EP})
         assert response.json()["trace_correlation_id"] == "open"

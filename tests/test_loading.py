@@ -154,10 +154,13 @@ def test_nothing_defined_lists_what_was_looked_for(tmp_path: Path) -> None:
     assert "Looked for, in order: " + "; ".join(LOOKED_FOR) in message
     assert [name.split("`")[1] for name in LOOKED_FOR] == [
         "app",
+        "fastapi_app()",
         "build_config()",
         "config",
         "config_factory()",
+        "APP_ID",
     ]
+    assert "`get_app()`" in LOOKED_FOR[1] and "register_task_app" in LOOKED_FOR[-1]
 
 
 @pytest.mark.parametrize(

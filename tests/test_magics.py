@@ -275,7 +275,7 @@ BAD_INPUTS = [
     ("%%taskapp --tunnel nowhere\napp = 1", "invalid choice: 'nowhere'"),
     ("%%taskapp --serve-on fork\napp = 1", "invalid choice: 'fork' (choose from"),
     ("%%taskapp --port abc\napp = 1", "not a port number: 'abc'"),
-    ("%%taskapp --port 80 --tunnel local\n" + APP_BODY, "port must be in range [1024, 65535]"),
+    ("%%taskapp --port 80 --tunnel local\n" + APP_BODY, "Port must be in range [1024, 65535]"),
     ("%%taskapp --health-timeout -1\napp = 1", "positive number of seconds"),
     ("%%taskapp --var 1x\napp = 1", "not a Python variable name"),
     ("%%taskapp --tunnel local\nx = 1", "defines none of 'app'"),

@@ -157,13 +157,13 @@ def test_port_out_of_range_is_a_value_error(port: int) -> None:
 
 @pytest.mark.parametrize("port", ["8114", 8114.0, True, None])
 def test_port_of_wrong_type_is_a_value_error(port: Any) -> None:
-    with pytest.raises(ValueError, match=r"port must be an int in \[1024, 65535\]"):
+    with pytest.raises(ValueError, match=r"Port must be an int in \[1024, 65535\]"):
         InProcessTaskApp(app=make_app(), port=port, tunnel_mode="local")
 
 
 @pytest.mark.parametrize("host", ["192.168.1.10", "example.com", "::", "", "127.0.0.2"])
 def test_host_not_allowed_is_a_value_error(host: str) -> None:
-    with pytest.raises(ValueError, match=r"host must be one of '127\.0\.0\.1'.*tunnel instead"):
+    with pytest.raises(ValueError, match=r"Host must be one of '127\.0\.0\.1'.*tunnel instead"):
         InProcessTaskApp(app=make_app(), host=host, tunnel_mode="local")
 
 
