@@ -32,9 +32,10 @@ import itertools
 import logging
 import os
 import re
+import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -155,6 +156,33 @@ def _record_siblings(directory: Path, before: set[str]) -> None:
         _siblings[directory] = found
 
 
+@contextlib.contextmanager
+def _no_signal_handlers_off_main_thread(path: Path) -> Iterator[None]:
+    """Off the main thread (``serve_on="thread"``), ``signal.signal`` would raise and fail
+    the load: a handler the file (or a library it imports, e.g. synth-ai's runner module)
+    installs at import is skipped with a warning instead. On the main thread: untouched."""
+    if threading.current_thread() is threading.main_thread():
+        yield
+        return
+    real = signal.signal
+
+    def skip(signum: int, handler: Any) -> Any:
+        logger.warning(
+            "%s (or a module it imports) installs a handler for signal %s at import; "
+            "skipped: handlers can only be installed on the main thread and this file is "
+            "loaded on the task app's server thread",
+            path,
+            signum,
+        )
+        return signal.getsignal(signum)
+
+    signal.signal = skip  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        signal.signal = real
+
+
 def _execute(path: Path) -> ModuleType:
     """Run ``path`` as a new module with its directory importable; return the module."""
     name = _module_name(path)
@@ -175,7 +203,8 @@ def _execute(path: Path) -> ModuleType:
             # Compile the current source ourselves: a cached .pyc could be stale when the
             # file was edited within the same second, and fresh code is the point here.
             code = compile(path.read_bytes(), str(path), "exec")
-            exec(code, module.__dict__)
+            with _no_signal_handlers_off_main_thread(path):
+                exec(code, module.__dict__)
         except (Exception, SystemExit) as exc:
             sys.modules.pop(name, None)
             raise TaskAppLoadError(
