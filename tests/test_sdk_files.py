@@ -127,7 +127,7 @@ def served(
     try:
         line = read_line(proc.stdout, 90.0)
         assert line, f"{runner} runner did not start {file.name}: " + scrub_secrets(
-            stderr.read_text(errors="replace")[-3000:], [KEY]
+            stderr.read_text(errors="replace")[-3000:], SECRETS
         )
         started = json.loads(line)
         one = Served(runner, started["url"], started, proc, stderr)
