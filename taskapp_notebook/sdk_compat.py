@@ -17,6 +17,10 @@ Three things the SDK's own runner does, done here the same way:
   not overwrite it: that app's requests are checked against its own key here (constant
   time) and a matching key is handed on as the exported one; any other key is removed, so
   neither app accepts the other's key.
+
+synth-ai 0.7 answers a wrong key with the first 15 characters of the key it expects (in the
+body, and printed to stdout); in error bodies of apps served here those characters are
+blanked, same length. What the SDK itself prints cannot be changed here.
 """
 
 from __future__ import annotations
@@ -295,7 +299,32 @@ class EnvKeyedApp:
         exported = self._exported
         if exported is not None and scope["type"] in ("http", "websocket"):
             scope = {**scope, "headers": _translate(scope["headers"], self._own, exported)}
+        if scope["type"] == "http":
+            send = _masking_errors(send, [self._own, exported or self._own])
         await self.app(scope, receive, send)
+
+
+#: synth-ai 0.7 answers a wrong key with the first 15 characters of the keys it accepts.
+_LEAKED_PREFIX = 15
+
+
+def _masking_errors(send: Any, keys: list[bytes]) -> Any:
+    """``send`` that blanks key prefixes in error bodies (same length: Content-Length holds)."""
+    prefixes = {key[:_LEAKED_PREFIX] for key in keys if len(key) >= 8}
+    failed = False
+
+    async def masked(message: dict[str, Any]) -> None:
+        nonlocal failed
+        if message["type"] == "http.response.start":
+            failed = int(message.get("status", 200)) >= 400
+        elif failed and message["type"] == "http.response.body":
+            body = message.get("body", b"")
+            for prefix in prefixes:
+                body = body.replace(prefix, b"*" * len(prefix))
+            message = {**message, "body": body}
+        await send(message)
+
+    return masked
 
 
 def key_at_start(api_key: str, source: str) -> tuple[str, str]:
