@@ -241,6 +241,7 @@ CASES = [
     Case("0.7 template", "0.7", "template", ENV_KEY),
     Case("0.7 build_config", "0.7", "localapi_build_config.py", ENV_KEY),
     Case("0.7 create_app factory", "0.7", "localapi_factory.py", ENV_KEY),
+    Case("0.7 registry", "0.7", "localapi_registry.py", ENV_KEY),
 ]
 
 
