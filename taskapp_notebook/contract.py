@@ -363,7 +363,7 @@ def create_task_app(config: TaskAppConfig, *, api_keys: Sequence[str] | None = N
         return {
             "service": {"task": data["task"], "version": data["task"].get("version")},
             "dataset": data["dataset"],
-            "rubrics": jsonable_encoder(cfg.rubrics) if cfg.rubrics is not None else None,
+            "rubrics": jsonable_encoder(cfg.rubrics) if cfg.rubrics else None,
             "inference": data["inference"],
             "limits": data["limits"],
             "task_metadata": data["task_metadata"],

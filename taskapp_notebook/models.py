@@ -260,6 +260,7 @@ class TaskAppConfig:
 
     Fields of synth-ai's ``ContainerConfig`` (0.9.x) and ``TaskAppConfig`` /
     ``LocalAPIConfig`` (0.7.x) are accepted too (docs/sdk-compatibility.md):
+    ``rubrics`` defaults to an empty mapping, served as ``null`` (the SDK's empty bundle);
     ``validate_candidate`` serves ``POST /validate-candidate``; ``expose_debug_env`` serves
     ``GET /debug/env`` (which variables are set, never their values); ``dataset_registry``
     is kept (on ``app.state.taskapp_config``) and not served, as in the SDK;
@@ -275,7 +276,7 @@ class TaskAppConfig:
     provide_task_instances: InstanceProvider | None = None
     rollout: RolloutExecutor | None = None
     base_task_info: TaskInfo | Mapping[str, Any] | None = None
-    rubrics: Any = None
+    rubrics: Any = field(default_factory=dict)
     routers: Sequence[Any] = ()
     middleware: Sequence[Any] = ()
     app_state: Mapping[str, Any] = field(default_factory=dict)
