@@ -156,12 +156,26 @@ def _record_siblings(directory: Path, before: set[str]) -> None:
         _siblings[directory] = found
 
 
+def _why_no_signal_handlers() -> str | None:
+    """Why a task-app file may not install signal handlers now (None: it may)."""
+    if threading.current_thread() is not threading.main_thread():
+        return "handlers can only be installed on the main thread and the file is loaded on "\
+            "the task app's server thread"
+    from .registry import in_ipython_kernel
+
+    if in_ipython_kernel():
+        return "in a Jupyter kernel SIGINT is the user's interrupt, and the runner already "\
+            "stops its apps on SIGTERM"
+    return None
+
+
 @contextlib.contextmanager
-def _no_signal_handlers_off_main_thread(path: Path) -> Iterator[None]:
-    """Off the main thread (``serve_on="thread"``), ``signal.signal`` would raise and fail
-    the load: a handler the file (or a library it imports, e.g. synth-ai's runner module)
-    installs at import is skipped with a warning instead. On the main thread: untouched."""
-    if threading.current_thread() is threading.main_thread():
+def _no_signal_handlers(path: Path) -> Iterator[None]:
+    """While the file runs, a handler it (or a library it imports, e.g. synth-ai's runner
+    module) installs is skipped with a warning when :func:`_why_no_signal_handlers` says so.
+    A script's main thread is left alone."""
+    why = _why_no_signal_handlers()
+    if why is None:
         yield
         return
     real = signal.signal
@@ -169,10 +183,10 @@ def _no_signal_handlers_off_main_thread(path: Path) -> Iterator[None]:
     def skip(signum: int, handler: Any) -> Any:
         logger.warning(
             "%s (or a module it imports) installs a handler for signal %s at import; "
-            "skipped: handlers can only be installed on the main thread and this file is "
-            "loaded on the task app's server thread",
+            "skipped: %s",
             path,
             signum,
+            why,
         )
         return signal.getsignal(signum)
 
@@ -203,7 +217,7 @@ def _execute(path: Path) -> ModuleType:
             # Compile the current source ourselves: a cached .pyc could be stale when the
             # file was edited within the same second, and fresh code is the point here.
             code = compile(path.read_bytes(), str(path), "exec")
-            with _no_signal_handlers_off_main_thread(path):
+            with _no_signal_handlers(path):
                 exec(code, module.__dict__)
         except (Exception, SystemExit) as exc:
             sys.modules.pop(name, None)

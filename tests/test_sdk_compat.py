@@ -319,3 +319,44 @@ def test_env_keyed_wrapper_forwards_attributes() -> None:
     inner = env_reading_app()
     wrapped = EnvKeyedApp(inner, KEY, "w")
     assert wrapped.state is inner.state and wrapped.router is inner.router
+
+
+@pytest.mark.kernel
+@pytest.mark.timeout(120)
+def test_file_cannot_take_the_kernels_interrupt(tmp_path: Path) -> None:
+    """synth-ai 0.7's runner module replaces SIGINT's handler when imported (its handler
+    swallows the signal). Loaded by us in a real kernel, such a file leaves the kernel's
+    handler in place: "interrupt" still interrupts the next cell."""
+    from test_kernel import ok, run, start_kernel, stop_kernel
+
+    path = write(tmp_path, "grabs_sigint.py", CONFIG + textwrap.dedent("""
+        import signal
+        signal.signal(signal.SIGINT, lambda signum, frame: None)  # what synth-ai 0.7 does
+        config = _make('grabs')
+    """))
+    kernel = start_kernel(tmp_path)
+    try:
+        reply = ok(kernel.kc, textwrap.dedent(f"""
+            import json, signal
+            from taskapp_notebook import InProcessTaskApp
+            before = signal.getsignal(signal.SIGINT)
+            app = InProcessTaskApp(task_app_path={str(path)!r}, tunnel_mode="local")
+            app.start()
+            print("SIG", json.dumps({{
+                "running": app.is_running,
+                "kept": signal.getsignal(signal.SIGINT) is before,
+            }}))
+        """))
+        assert reply.json_line("SIG") == {"running": True, "kept": True}
+        msg_id = kernel.kc.execute("import time; time.sleep(30)")
+        time.sleep(1.0)
+        kernel.km.interrupt_kernel()
+        from test_kernel import collect
+
+        interrupted = collect(kernel.kc, msg_id, timeout=20)
+        assert interrupted.ename == "KeyboardInterrupt"
+        assert run(kernel.kc, "app.stop(); print('STOPPED', app.state)").stdout.strip() == (
+            "STOPPED stopped"
+        )
+    finally:
+        stop_kernel(kernel)
