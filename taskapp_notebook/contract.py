@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import os
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -43,16 +42,7 @@ from .auth import (
     resolve_allowed_keys,
 )
 from .errors import InvalidParameterError
-from .models import (
-    ID_KEYS,
-    Hook,
-    RolloutRequest,
-    RolloutResponse,
-    TaskAppConfig,
-    TaskInfo,
-    ValidateCandidateRequest,
-    ValidateCandidateResponse,
-)
+from .models import ID_KEYS, Hook, RolloutRequest, RolloutResponse, TaskAppConfig, TaskInfo
 
 __all__ = ["TaskAppConfig", "allowed_keys_from_env", "create_task_app"]
 
@@ -260,52 +250,6 @@ async def _run_hooks(hooks: Sequence[Hook], app: FastAPI, *, keep_going: bool) -
             logger.exception("Shutdown hook %r failed; running the remaining ones", hook)
 
 
-def _add_sdk_routes(app: FastAPI, cfg: TaskAppConfig, auth: list[Any]) -> None:
-    """The routes synth-ai's configs switch on: /validate-candidate and /debug/env."""
-    validator = cfg.validate_candidate
-    if validator is not None:
-
-        @app.post("/validate-candidate", dependencies=auth)
-        async def validate_candidate(
-            body: ValidateCandidateRequest, request: Request
-        ) -> dict[str, Any]:
-            args = (body, request)[: min(2, max(1, _positional_arity(validator)))]
-            result = await _invoke(validator, *args)
-            if isinstance(result, BaseModel):
-                result = result.model_dump(mode="json")
-            try:
-                checked = ValidateCandidateResponse.model_validate(result)
-            except ValidationError as exc:
-                raise _http_error(
-                    500,
-                    "invalid_validate_candidate_response",
-                    f"validate_candidate() of task app {cfg.app_id!r} returned something that "
-                    f"is not a ValidateCandidateResponse: {exc.error_count()} error(s), first: "
-                    f"{exc.errors()[0]['msg']}",
-                ) from None
-            return checked.model_dump(mode="json")
-
-    if cfg.expose_debug_env:
-
-        @app.get("/debug/env", dependencies=auth)
-        async def debug_env() -> dict[str, Any]:
-            # Presence only: unlike the SDK, no prefix of any key is ever shown.
-            names = (KEY_ENV, "OPENAI_API_KEY", "GROQ_API_KEY", "SYNTH_API_KEY")
-            return {f"has_{name}": bool(os.environ.get(name)) for name in names}
-
-    proxy = cfg.proxy
-    if proxy is not None and (
-        getattr(proxy, "enable_openai", False) or getattr(proxy, "enable_groq", False)
-    ):
-        logger.warning(
-            "Task app %r: TaskAppConfig.proxy enables vendor proxy routes "
-            "(/proxy/v1/chat/completions, /proxy/groq/...); taskapp_notebook does not serve "
-            "them. Call the policy's inference_url, or build the app with synth-ai's own "
-            "create_container to keep them.",
-            cfg.app_id,
-        )
-
-
 # --- the app ---------------------------------------------------------------------------------
 
 
@@ -420,5 +364,7 @@ def create_task_app(config: TaskAppConfig, *, api_keys: Sequence[str] | None = N
     async def done() -> dict[str, Any]:
         return {"ok": True, "service": app_id}
 
-    _add_sdk_routes(app, cfg, auth)
+    from .sdk_routes import add_sdk_routes
+
+    add_sdk_routes(app, cfg, auth)
     return app

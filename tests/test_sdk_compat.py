@@ -230,7 +230,7 @@ def test_enabled_vendor_proxy_is_not_served_and_says_so(caplog: pytest.LogCaptur
         enable_groq = False
 
     config = TaskAppConfig(app_id="px", name="px", description="", proxy=ProxyConfig())
-    with caplog.at_level(logging.WARNING, logger="taskapp_notebook.contract"):
+    with caplog.at_level(logging.WARNING, logger="taskapp_notebook.sdk_routes"):
         app = create_task_app(config, api_keys=[KEY])
     assert any("does not serve" in r.getMessage() for r in caplog.records)
     with client_for(app) as client:
