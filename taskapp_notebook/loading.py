@@ -408,9 +408,6 @@ def build_asgi_app(
         return BuiltApp(app, api_key, api_key_source)
     api_key, api_key_source = sdk_compat.key_at_start(api_key, api_key_source)
     sdk_compat.warn_if_token_auth(app, name)
-    return BuiltApp(
-        sdk_compat.EnvKeyedApp(app, api_key, name),
-        api_key,
-        api_key_source,
-        sdk=sdk_compat.sdk_generation(app),
-    )
+    generation = sdk_compat.sdk_generation(app)
+    wrapped = sdk_compat.EnvKeyedApp(app, api_key, name, translate=generation != "0.9")
+    return BuiltApp(wrapped, api_key, api_key_source, sdk=generation)

@@ -263,13 +263,18 @@ class EnvKeyedApp:
 
     The export is taken before the app's own startup (0.7.x apps read the key there) and
     released after its shutdown. If another SDK app already exported a different key,
-    requests are translated instead (see the module docstring).
+    requests are translated instead (see the module docstring) — unless ``translate`` is
+    False (0.9 containers, whose auth does not read the variable).
     """
 
-    def __init__(self, app: Callable[..., Any], key: str, name: str = "task app") -> None:
+    def __init__(
+        self, app: Callable[..., Any], key: str, name: str = "task app", *, translate: bool = True
+    ) -> None:
         self.app = app
         self.key = key
         self.name = name
+        #: False for 0.9 containers: their auth never reads the variable.
+        self.translate = translate
         self._own = key.encode()
         self._exported: bytes | None = None
 
@@ -282,7 +287,7 @@ class EnvKeyedApp:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             held = _EXPORT.acquire(self.key)
-            if held != self.key:
+            if held != self.key and self.translate:
                 logger.info(
                     "%s: ENVIRONMENT_API_KEY is held by another synth-ai app in this process "
                     "with a different key; this app's requests are checked against its own "
