@@ -145,8 +145,15 @@ def registry_config(module: ModuleType, default_id: str) -> tuple[str, Any] | No
         except KeyError:  # the SDK's registries raise for unknown ids
             continue
         factory = getattr(entry, "config_factory", None)
-        if callable(factory):
+        if not callable(factory):
+            continue
+        try:
             return app_id, factory()
+        except Exception as exc:
+            raise TaskAppLoadError(
+                f"The config_factory of synth-ai registry entry {app_id!r} ({name}) raised "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
     return None
 
 
