@@ -350,3 +350,28 @@ def test_two_sdk_apps_with_different_keys_in_one_process(tmp_path: Path) -> None
         "same_key_env_kept": True,
         "same_key_env_restored": True,
     }
+
+
+@pytest.mark.parametrize("generation", ["0.9", "0.7"])
+def test_unregistered_app_id_is_explained(generation: str, tmp_path: Path) -> None:
+    """A file whose APP_ID no synth-ai registry knows: synth-ai's runner fails with a bare
+    KeyError from its registry; ours says what it looked for, in order."""
+    module = "synth_ai.sdk.container.apps" if generation == "0.9" else "synth_ai.sdk.localapi.apps"
+    file = tmp_path / "unregistered.py"
+    file.write_text(f"import {module}\n\nAPP_ID = 'nobody-registered-this'\n")
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(HOME=str(tmp_path), TEST_APP_KEY=KEY)
+    results = {
+        runner: subprocess.run(
+            [str(python_of(generation)), str(DRIVER), runner, str(file), str(free_port())],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, timeout=60,
+        )
+        for runner in ("sdk", "ours")
+    }
+    assert results["sdk"].returncode == 1
+    assert results["sdk"].stderr.strip().splitlines()[-1].startswith("KeyError:")
+    ours = results["ours"]
+    assert ours.returncode == 1 and KEY not in ours.stderr
+    last = ours.stderr.strip().splitlines()[-1]
+    assert last.startswith("TaskAppLoadError:") and "defines no task app" in last
+    assert "`build_config()`" in last and "register_container / register_task_app" in last
