@@ -57,6 +57,7 @@ def python_of(generation: str) -> Path:
 
 
 def template(generation: str) -> Path:
+    python_of(generation)  # skip (or fail under CI=true) without the venv
     name = (
         "container/_impl/container_template.py"
         if generation == "0.9"
