@@ -1,0 +1,196 @@
+"""``HostedJob``: the handle a hosted job returns at once, while it runs in the background.
+
+The job runs as a task on the caller's event loop (in a notebook: the kernel's loop, next to
+the task app), so the cell returns immediately and the app keeps serving. ``await job`` gives
+the :class:`InProcessJobResult`; ``job.cancel()`` cancels the job on the backend and stops
+the app; ``job.progress`` is the live :class:`~taskapp_notebook.progress.RunProgress`; a cell
+that ends with ``job`` shows the run view (with a Cancel button).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Generator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..loops import running_loop
+from ..progress import RunProgress
+from .events import SUCCESS_STATUSES, candidate_components
+
+if TYPE_CHECKING:
+    from ..runner import InProcessTaskApp
+
+__all__ = ["HostedJob", "InProcessJobResult"]
+
+logger = logging.getLogger(__name__)
+
+Runner = Callable[["HostedJob"], Coroutine[Any, Any, "InProcessJobResult"]]
+
+
+@dataclass
+class InProcessJobResult:
+    """How a hosted job ended: its final status document (secrets masked) and where it ran."""
+
+    job_id: str
+    status: dict[str, Any]
+    task_app_url: str
+    backend_url: str
+    kind: str = "gepa_offline"
+    #: How it was followed: SSE connections, resumed ones (Last-Event-ID), polls.
+    follow_stats: dict[str, int] = field(default_factory=dict, repr=False)
+
+    @property
+    def state(self) -> str:
+        return str(self.status.get("status", "")).lower()
+
+    @property
+    def succeeded(self) -> bool:
+        """True when the job's final status is a success status."""
+        return self.state in SUCCESS_STATUSES
+
+    @property
+    def best_reward(self) -> float | None:
+        value = self.status.get("best_reward", self.status.get("best_score"))
+        return float(value) if isinstance(value, int | float) else None
+
+    @property
+    def baseline_reward(self) -> float | None:
+        value = self.status.get("baseline_reward")
+        return float(value) if isinstance(value, int | float) else None
+
+    @property
+    def best_candidate(self) -> Any:
+        """The best candidate as the backend returned it (None for eval jobs)."""
+        return self.status.get("best_candidate")
+
+    @property
+    def best_prompt(self) -> dict[str, str]:
+        """The best candidate's prompt text per stage (``{}`` when there is none)."""
+        return candidate_components(self.best_candidate)
+
+    @property
+    def error(self) -> str | None:
+        error = self.status.get("error")
+        return None if error in (None, "") else str(error)
+
+
+class HostedJob:
+    """A hosted job running in the background. Await it for the result."""
+
+    def __init__(self, runner: Runner, progress: RunProgress) -> None:
+        self.progress = progress
+        self.job_id: str | None = None
+        self.task_app: InProcessTaskApp | None = None
+        self.result_: InProcessJobResult | None = None
+        self._runner = runner
+        self._task: asyncio.Task[InProcessJobResult] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cancel_reason: str | None = None
+        self._view: Any = None
+        loop = running_loop()
+        if loop is not None:
+            self._start(loop)
+
+    def __repr__(self) -> str:
+        snap = self.progress.snapshot()
+        best = "" if snap.best_score is None else f" best={snap.best_score:g}"
+        return (f"<HostedJob {snap.kind} {self.job_id or snap.name!r} {snap.state}{best} "
+                f"rollouts={snap.rollouts}>")
+
+    # ----------------------------------------------------------------- awaiting
+
+    def __await__(self) -> Generator[Any, None, InProcessJobResult]:
+        return self.wait().__await__()
+
+    async def wait(self) -> InProcessJobResult:
+        """Run (if not running yet) and wait for the result. Cancelling the waiter cancels
+        the job (on the backend too) and stops the app."""
+        if self._task is None:
+            self._start(asyncio.get_running_loop())
+        assert self._task is not None
+        return await self._task
+
+    def done(self) -> bool:
+        return self._task is not None and self._task.done()
+
+    def cancel(self, reason: str = "cancelled by the user") -> None:
+        """Cancel the job on the backend and stop the app; never blocks (safe from a button).
+        ``await job`` then returns the result with status ``cancelled``."""
+        if self._cancel_reason is None:
+            self._cancel_reason = reason
+        task, loop = self._task, self._loop
+        if task is None or loop is None:
+            self.progress.update(state="cancelled", message=reason)
+            return
+        if task.done():
+            return
+        self.progress.update(state="stopping", message=f"cancelling: {reason}")
+        if running_loop() is loop:
+            task.cancel()
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(task.cancel)
+
+    @property
+    def cancel_reason(self) -> str | None:
+        return self._cancel_reason
+
+    # ----------------------------------------------------------------- display
+
+    def display(self) -> Any:
+        """Show the run view (once per handle) and return it."""
+        from IPython.display import display
+
+        display(self)  # type: ignore[no-untyped-call]
+        return self._view
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        try:
+            from ..notebook.run_view import RunView  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:
+            return {"text/plain": repr(self)}
+        if self._view is None:
+            self._view = RunView(self.progress, on_stop=self.cancel, stop_label="Cancel")
+        return self._view._repr_mimebundle_(**kwargs)
+
+    # ----------------------------------------------------------------- internals
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._task = loop.create_task(self._guarded(), name="taskapp-hosted-job")
+        self._task.add_done_callback(self._finished)
+
+    async def _guarded(self) -> InProcessJobResult:
+        """The runner; a cancel() before the job was followed still gives a result."""
+        try:
+            return await self._runner(self)
+        except asyncio.CancelledError:
+            reason = self._cancel_reason
+            task = asyncio.current_task()
+            if reason is None or task is None:
+                raise
+            task.uncancel()
+            self.progress.update(state="cancelled", message=reason)
+            return InProcessJobResult(job_id=self.job_id or "", status={
+                "job_id": self.job_id, "status": "cancelled", "error": reason,
+            }, task_app_url="", backend_url="")
+
+    def _finished(self, task: asyncio.Task[InProcessJobResult]) -> None:
+        if task.cancelled():
+            if not self.progress.snapshot().is_final:
+                self.progress.update(state="cancelled", message=self._cancel_reason or
+                                     "cancelled")
+            return
+        error = task.exception()
+        if error is None:
+            self.result_ = task.result()
+        elif not self.progress.snapshot().is_final:
+            self.progress.update(state="failed", message=str(error).splitlines()[0][:300])
+
+    def _app_changed(self, app: InProcessTaskApp) -> None:
+        """Listener on the task app: an app stopped from elsewhere (``%taskapp stop``,
+        ``stop_all``, kernel shutdown) ends the job; the job is cancelled on the backend."""
+        if str(app.state) in ("stopping", "stopped", "failed") and not self.done():
+            if self._cancel_reason is None:
+                self.cancel(f"the task app stopped ({app.state}) before the job ended")
