@@ -176,7 +176,7 @@ class JobBackend:
         Raises :class:`LookupError` when the backend has no stream for this job (404/405),
         ``httpx`` errors when the connection fails.
         """
-        headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+        headers = {"Accept": "text/event-stream"}
         if last_event_id:
             headers["Last-Event-ID"] = str(last_event_id)
         async with self._client.stream(
