@@ -13,7 +13,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 from standin_synth_backend import IMPROVEMENT, StandInSynthBackend
-from support import serve
+from support import port_is_free, serve, wait_for
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "hosted_gepa.ipynb"
 KEY = "synth-notebook-key-0123456789"
@@ -53,3 +53,48 @@ def test_hosted_gepa_notebook_runs_against_the_standin(monkeypatch: pytest.Monke
     assert "/s/rt_" in container_url  # a SynthTunnel URL of the in-kernel relay
     assert create.headers["x-synthtunnel-worker-token"]
     assert len(backend.rollouts) == 6 and all(r["status"] == 200 for r in backend.rollouts)
+
+
+JOB_CELL = """
+import os
+from taskapp_notebook import TaskAppConfig, run_in_process_job
+
+def rollout(request):
+    return {"reward_info": {"outcome_reward": 0.5}}
+
+job = run_in_process_job(
+    config=TaskAppConfig(app_id="x", name="X", description="", rollout=rollout),
+    tunnel_mode="local", seed_prompt="Seed.", poll_interval=0.05,
+    config_dict={"prompt_learning": {"algorithm": "gepa",
+        "task_data": {"train_pools": {"reflection_seeds": [0]}, "validation_seeds": [1]},
+        "gepa": {"env_name": "x"}}},
+)
+job
+"""
+
+
+def test_kernel_shutdown_cancels_the_hosted_job_and_stops_its_app(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_kernel import ok, start_kernel, stop_kernel
+
+    backend = StandInSynthBackend(KEY)
+    backend.behaviour = "stuck"
+    with serve(backend.app) as url:
+        monkeypatch.setenv("SYNTH_API_KEY", KEY)
+        monkeypatch.setenv("SYNTH_BACKEND_URL", url)
+        kernel = start_kernel(tmp_path)
+        try:
+            shown = ok(kernel.kc, JOB_CELL)  # returns at once: the job runs on
+            assert shown.outputs[0]["text/plain"].startswith("<HostedJob hosted gepa")
+            assert wait_for(lambda: any(r.method == "POST" for r in backend.requests), 30)
+            job_id = next(iter(backend.jobs))
+            probe = ok(kernel.kc, "print('PORT', job.task_app.port, job.job_id)")
+            port = int(probe.stdout.split()[1])
+            assert probe.stdout.split()[2] == job_id and not port_is_free(port)
+            kernel.km.shutdown_kernel(now=False)
+        finally:
+            stop_kernel(kernel)
+        assert wait_for(lambda: bool(backend.cancels), 10), "no cancel reached the backend"
+    assert backend.cancels == [{"job_id": job_id, "body": {"state": "cancelled"}}]
+    assert port_is_free(port)
