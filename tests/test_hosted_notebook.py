@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -98,3 +99,36 @@ def test_kernel_shutdown_cancels_the_hosted_job_and_stops_its_app(
         assert wait_for(lambda: bool(backend.cancels), 10), "no cancel reached the backend"
     assert backend.cancels == [{"job_id": job_id, "body": {"state": "cancelled"}}]
     assert port_is_free(port)
+
+
+def test_interrupting_await_job_cancels_it_and_the_kernel_lives_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_kernel import collect, ok, send, start_kernel, stop_kernel
+
+    backend = StandInSynthBackend(KEY)
+    backend.behaviour = "stuck"
+    with serve(backend.app) as url:
+        monkeypatch.setenv("SYNTH_API_KEY", KEY)
+        monkeypatch.setenv("SYNTH_BACKEND_URL", url)
+        kernel = start_kernel(tmp_path)
+        try:
+            ok(kernel.kc, JOB_CELL)
+            assert wait_for(lambda: bool(backend.jobs), 30)
+            waiting = send(kernel.kc, "print('WAITING', flush=True)\nresult = await job")
+            while True:  # the cell is awaiting the job now
+                msg = kernel.kc.get_iopub_msg(timeout=30)
+                if msg["parent_header"].get("msg_id") == waiting and \
+                        "WAITING" in msg["content"].get("text", ""):
+                    break
+            time.sleep(0.3)
+            kernel.km.interrupt_kernel()
+            reply = collect(kernel.kc, waiting, 30)
+            assert reply.status == "error" and reply.ename == "CancelledError"
+            assert wait_for(lambda: bool(backend.cancels), 10)
+            after = ok(kernel.kc, "print('STATE', job.progress.snapshot().state, "
+                                  "job.task_app.state, job.done())")
+            assert after.stdout.split() == ["STATE", "cancelled", "stopped", "True"]
+        finally:
+            stop_kernel(kernel)
+    assert [c["body"] for c in backend.cancels] == [{"state": "cancelled"}]
