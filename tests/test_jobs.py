@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -117,10 +118,14 @@ def assert_everything_stopped(world: World, job: HostedJob) -> None:
     assert wait_for(lambda: relay_health(world)["leases"] == 0, 10)
 
 
-async def test_hosted_gepa_through_the_relay_with_a_dropped_stream(world: World) -> None:
+async def test_hosted_gepa_through_the_relay_with_a_dropped_stream(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     world.backend.drop_stream_after = 2
     job = start(world)
     assert isinstance(job, HostedJob) and not job.done()  # returned at once
+    assert job.progress.snapshot().budget_total == 6
     result = await job
 
     assert result.succeeded, result.status
@@ -169,6 +174,12 @@ async def test_hosted_gepa_through_the_relay_with_a_dropped_stream(world: World)
     assert snap.best is not None and snap.best.components == {"main": SEED_PROMPT + IMPROVEMENT}
     assert snap.extra["job_id"] == result.job_id
     assert_everything_stopped(world, job)
+
+    # No secret in full anywhere: logs (every level, library loggers too), reprs, progress.
+    shown = "\n".join(r.getMessage() for r in caplog.records)
+    shown += repr(job) + repr(result) + repr(job.progress.snapshot())
+    for secret in (token, APP_KEY, KEY):
+        assert secret not in shown
 
 
 async def test_cancel_cancels_on_the_backend_and_stops_the_app(world: World) -> None:
@@ -325,3 +336,17 @@ def test_overrides_and_backend_url(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_backend_url() == "https://api.usesynth.ai"
     monkeypatch.setenv("SYNTH_BACKEND_URL", "http://localhost:8000/api/")
     assert resolve_backend_url() == "http://localhost:8000"
+
+
+async def test_the_handle_displays_the_run_view_or_a_text_line(world: World) -> None:
+    job = start(world)
+    bundle = job._repr_mimebundle_(include=None, exclude=None)
+    assert "text/plain" in bundle
+    if job._view is not None:  # the run view is installed (its Stop button is job.cancel)
+        view = job._view
+        assert "text/html" in job._repr_mimebundle_(include=None, exclude=None)
+        assert job._view is view  # built once, lazily
+    else:
+        assert bundle["text/plain"].startswith("<HostedJob hosted gepa")
+    result = await job
+    assert result.succeeded

@@ -177,7 +177,15 @@ def _finish_progress(progress: RunProgress, result: InProcessJobResult) -> None:
 
 
 def _new_progress(spec: JobSpec, name: str | None) -> RunProgress:
-    return RunProgress(spec.progress_kind, name or spec.body["system"]["name"])
+    """The run's progress; its budget from the config (rollout budget or total rollouts)."""
+    gepa = spec.body["config"].get("prompt_learning", {}).get("gepa")
+    budget = None
+    if isinstance(gepa, dict):
+        rollout, stop = gepa.get("rollout"), gepa.get("termination_conditions")
+        budget = (rollout.get("budget") if isinstance(rollout, dict) else None) or (
+            stop.get("total_rollouts") if isinstance(stop, dict) else None)
+    return RunProgress(spec.progress_kind, name or spec.body["system"]["name"],
+                       budget_total=budget if isinstance(budget, int) else None)
 
 
 async def submit_and_poll_job(
