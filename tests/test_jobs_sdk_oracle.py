@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,3 +321,12 @@ def test_job_host_resolution_matches_the_sdk(monkeypatch: pytest.MonkeyPatch) ->
     # Where the SDK falls back to its local default (http://localhost:8080), we keep the
     # backend the user named: a deliberate difference.
     assert resolve_job_host("https://my.backend") == "https://my.backend"
+
+
+def test_a_missing_oracle_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "SDK_PYTHON", ROOT / "no-such-venv" / "python")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must run the oracle"):
+        _sdk_missing()
+    monkeypatch.setenv("CI", "")
+    assert "scripts/sdk-venv" in (_sdk_missing() or "")
