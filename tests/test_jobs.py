@@ -307,14 +307,19 @@ def test_sync_wrapper_with_a_local_backend(monkeypatch: pytest.MonkeyPatch) -> N
     backend = StandInSynthBackend(KEY)
     backend.container_api_key = APP_KEY  # resolved server-side: we never send it
     seen: list[dict[str, str]] = []
+    events: list[dict[str, Any]] = []
+    statuses: list[dict[str, Any]] = []
     monkeypatch.setenv("SYNTH_API_KEY", KEY)
     with serve(backend.app) as url:
         result = run_in_process_job_sync(
             config=task_config(seen), config_dict=GEPA, seed_prompt=SEED_PROMPT,
             backend_url=url, port=free_port(), poll_interval=0.05, timeout=60,
-            task_app_api_key=APP_KEY,
+            task_app_api_key=APP_KEY, on_event=events.append, on_status=statuses.append,
         )
     assert result.succeeded and result.best_reward == 1.0
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[-1]["type"] == "learning.policy.gepa.job.completed"
+    assert statuses and statuses[-1]["status"] == "succeeded"
     # A backend on this machine: no tunnel (as synth-ai does), the app's loopback URL.
     assert result.task_app_url.startswith("http://127.0.0.1:")
     assert "x-synthtunnel-worker-token" not in backend.requests[0].headers
@@ -350,3 +355,13 @@ async def test_the_handle_displays_the_run_view_or_a_text_line(world: World) -> 
         assert bundle["text/plain"].startswith("<HostedJob hosted gepa")
     result = await job
     assert result.succeeded
+
+
+def test_cancel_before_it_ever_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SYNTH_API_KEY", KEY)
+    job = run_in_process_job(config=task_config([]), config_dict=GEPA, seed_prompt="s",
+                             backend_url="http://127.0.0.1:9", port=free_port())
+    job.cancel()  # no loop here: nothing runs until awaited, and now nothing will
+    result = asyncio.run(job.wait())
+    assert result.state == "cancelled" and result.error == "cancelled by the user"
+    assert job.task_app is None and not registry.running()

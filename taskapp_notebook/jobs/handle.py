@@ -88,6 +88,7 @@ class HostedJob:
         self._task: asyncio.Task[InProcessJobResult] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cancel_reason: str | None = None
+        self._cancel_outcome = "cancelled"
         self._view: Any = None
         loop = running_loop()
         if loop is not None:
@@ -108,6 +109,8 @@ class HostedJob:
         """Run (if not running yet) and wait for the result. Cancelling the waiter cancels
         the job (on the backend too) and stops the app."""
         if self._task is None:
+            if self._cancel_reason is not None:  # cancelled before it ever started
+                return self.cancelled_result()
             self._start(asyncio.get_running_loop())
         assert self._task is not None
         return await self._task
@@ -118,8 +121,11 @@ class HostedJob:
     def cancel(self, reason: str = "cancelled by the user") -> None:
         """Cancel the job on the backend and stop the app; never blocks (safe from a button).
         ``await job`` then returns the result with status ``cancelled``."""
+        self._end(reason, "cancelled")
+
+    def _end(self, reason: str, outcome: str) -> None:
         if self._cancel_reason is None:
-            self._cancel_reason = reason
+            self._cancel_reason, self._cancel_outcome = reason, outcome
         task, loop = self._task, self._loop
         if task is None or loop is None:
             self.progress.update(state="cancelled", message=reason)
@@ -134,7 +140,19 @@ class HostedJob:
 
     @property
     def cancel_reason(self) -> str | None:
+        """Why the job was ended early from this side (None: it was not)."""
         return self._cancel_reason
+
+    @property
+    def cancel_outcome(self) -> str:
+        """The status an early end gets: ``cancelled``, or ``failed`` when the app was lost."""
+        return self._cancel_outcome
+
+    def cancelled_result(self) -> InProcessJobResult:
+        """The result of a job ended before it was followed to its end."""
+        return InProcessJobResult(job_id=self.job_id or "", task_app_url="", backend_url="",
+                                  status={"job_id": self.job_id, "status": self._cancel_outcome,
+                                          "error": self._cancel_reason})
 
     # ----------------------------------------------------------------- display
 
@@ -171,10 +189,8 @@ class HostedJob:
             if reason is None or task is None:
                 raise
             task.uncancel()
-            self.progress.update(state="cancelled", message=reason)
-            return InProcessJobResult(job_id=self.job_id or "", status={
-                "job_id": self.job_id, "status": "cancelled", "error": reason,
-            }, task_app_url="", backend_url="")
+            self.progress.update(state=self._cancel_outcome, message=reason)
+            return self.cancelled_result()
 
     def _finished(self, task: asyncio.Task[InProcessJobResult]) -> None:
         if task.cancelled():
@@ -192,5 +208,4 @@ class HostedJob:
         """Listener on the task app: an app stopped from elsewhere (``%taskapp stop``,
         ``stop_all``, kernel shutdown) ends the job; the job is cancelled on the backend."""
         if str(app.state) in ("stopping", "stopped", "failed") and not self.done():
-            if self._cancel_reason is None:
-                self.cancel(f"the task app stopped ({app.state}) before the job ended")
+            self._end(f"the task app stopped ({app.state}) before the job ended", "failed")

@@ -124,16 +124,13 @@ async def _submit_and_follow(
             raise JobTimeoutError(f"Job {handle.job_id} {outcome}; it was cancelled on the "
                                   "backend.") from None
         except asyncio.CancelledError:
-            reason = handle.cancel_reason
             await _cancel_on_backend(backend, handle)
-            if reason is None:
+            if handle.cancel_reason is None:
                 raise  # the caller was cancelled (interrupt): cancelled job, stopped app
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            status = {"job_id": handle.job_id, "status": "cancelled", "error": reason}
-            if "task app stopped" in reason:
-                status["status"] = "failed"
+            status = await _status_after_cancel(backend, handle)
     except JobError as exc:
         text = scrub(str(exc))
         progress.update(state="failed", message=text.splitlines()[0][:300])
@@ -160,6 +157,17 @@ async def _cancel_on_backend(backend: JobBackend, handle: HostedJob) -> None:
     except Exception as exc:  # the app stops regardless; say why the cancel did not land
         logger.warning("Could not cancel job %s on the backend: %s", handle.job_id,
                        type(exc).__name__)
+
+
+async def _status_after_cancel(backend: JobBackend, handle: HostedJob) -> dict[str, Any]:
+    """The backend's status once more (scores so far), marked with how and why it ended."""
+    status: dict[str, Any] = {"job_id": handle.job_id}
+    if handle.job_id is not None:
+        try:
+            status = await asyncio.wait_for(backend.status(handle.job_id), 5.0)
+        except Exception as exc:  # the result still says what happened
+            logger.debug("Status after cancel: %s", type(exc).__name__)
+    return {**status, "status": handle.cancel_outcome, "error": handle.cancel_reason}
 
 
 def _finish_progress(progress: RunProgress, result: InProcessJobResult) -> None:
