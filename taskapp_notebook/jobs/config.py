@@ -162,6 +162,8 @@ def build_job_spec(
         )
     if algorithm == "gepa":
         _complete_gepa(section)
+    else:
+        _complete_mipro(section)
     _complete_prompt_learning(section)
     body = {
         "kind": kind,
@@ -324,6 +326,25 @@ def _complete_gepa(section: dict[str, Any]) -> None:
         gepa["proposed_prompt_max_tokens"] = token["max_limit"]
     else:
         token["max_limit"] = gepa["proposed_prompt_max_tokens"]
+
+
+def _complete_mipro(section: dict[str, Any]) -> None:
+    """Validate a MIPRO section as synth-ai 0.9.11's ``_normalize_mipro_section`` does."""
+    mipro = section.get("mipro")
+    if not isinstance(mipro, dict):
+        raise JobConfigError("A MIPRO job needs a [prompt_learning.mipro] table.")
+    for key in ("bootstrap_train_seeds", "online_pool", "test_pool", "reference_pool"):
+        if mipro.get(key) is None and section.get(key) is not None:
+            mipro[key] = section[key]
+    if mipro.get("online_pool") is None:
+        legacy = mipro.get("online_train_seeds", section.get("online_train_seeds"))
+        if legacy is not None:
+            mipro["online_pool"] = legacy
+    if mipro.get("env_name") and not section.get("env_name") and not section.get("container_id"):
+        section["env_name"] = mipro["env_name"]
+    for key in ("bootstrap_train_seeds", "online_pool"):
+        if mipro.get(key) is None:
+            raise JobConfigError(f"A MIPRO job needs prompt_learning.mipro.{key}.")
 
 
 def _table(value: Any) -> dict[str, Any]:
