@@ -10,7 +10,8 @@ depends on the candidate). It publishes events over SSE (``…/events/stream``, 
 on ``PATCH {"state": "cancelled"}``.
 
 Knobs a test sets: ``behaviour`` ("run", "fail", "stuck"), ``drop_stream_after`` (abort the
-first SSE connection after N events), ``sse`` (False: no stream, 404), ``container_api_key``
+first SSE connection after N events), ``sse`` (False: no stream, 404), ``silent_stream``
+(the stream stays open but sends only keep-alives), ``container_api_key``
 (the key Synth resolves server-side for an app it reaches directly, without a SynthTunnel
 agent to add it: the real backend holds the user's uploaded ENVIRONMENT_API_KEY).
 """
@@ -78,6 +79,7 @@ class StandInSynthBackend:
         self.drop_stream_after: int | None = None
         self.sse = True
         self.container_api_key: str | None = None
+        self.silent_stream = False
         self.requests: list[Recorded] = []
         self.stream_connections: list[dict[str, str | None]] = []
         self.rollouts: list[dict[str, Any]] = []
@@ -183,7 +185,7 @@ class StandInSynthBackend:
         sent = 0
         index = after
         while True:
-            while index < len(job.events):
+            while index < len(job.events) and not self.silent_stream:
                 event = job.events[index]
                 index += 1
                 yield f"id: {event['seq']}\nevent: message\ndata: {json.dumps(event)}\n\n"

@@ -251,6 +251,14 @@ async def test_no_event_stream_falls_back_to_polling(world: World) -> None:
     assert any(r.path.endswith("/events") for r in world.backend.requests)
 
 
+async def test_a_silent_stream_does_not_hide_the_end(world: World) -> None:
+    world.backend.silent_stream = True  # open, but no event ever arrives on it
+    result = await start(world)
+    assert result.succeeded and result.best_reward == 1.0
+    assert result.follow_stats["streams"] == 1 and result.follow_stats["polls"] == 0
+    assert len([r for r in world.backend.requests if r.path.endswith("/job_1")]) >= 2
+
+
 async def test_eval_job(world: World) -> None:
     job = start(world, job_type="eval", config_dict={
         "env_name": "arithmetic", "seeds": [0, 1],

@@ -4,8 +4,9 @@
   ``Last-Event-ID: <last seq>``; replayed events (``seq`` already seen) are skipped.
 * No stream (404/405) or three failed connects in a row: poll ``…/events?since_seq=`` and
   the status every ``poll_interval`` seconds.
-* The status is also read whenever a stream ends, so a job that ended while we were
-  disconnected is noticed.
+* The status is also read whenever a stream ends and every ``poll_interval`` seconds (at
+  least 1 s) while one is open, so a job that ended while we were disconnected, or behind a
+  stream gone silent, is noticed.
 * A terminal event or a terminal status ends it; then the final status is read once and the
   terminal event's status overrides its ``status`` (as synth-ai 0.9.11 does).
 """
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -86,7 +88,25 @@ class _Follower:
         return await self._final_status()
 
     async def _stream_once(self) -> bool | None:
-        """One SSE connection. True: ended by the server; False: failed; None: no stream."""
+        """One SSE connection, with the status read every ``poll_interval`` (at least 1 s)
+        meanwhile, so a stream that goes silent cannot hide the end of the job.
+        True: ended (by the server, a terminal event or status); False: failed; None: no
+        stream."""
+        reader = asyncio.ensure_future(self._read_stream())
+        try:
+            while True:
+                done, _ = await asyncio.wait({reader}, timeout=max(self.poll_interval, 1.0))
+                if done:
+                    return reader.result()
+                if await self._read_status():
+                    return True
+        finally:
+            if not reader.done():
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+
+    async def _read_stream(self) -> bool | None:
         last = self.feed.last_seq or None
         self.stats["streams"] += 1
         if last:
