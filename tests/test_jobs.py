@@ -197,11 +197,15 @@ async def test_cancel_cancels_on_the_backend_and_stops_the_app(world: World) -> 
 
 async def test_a_failed_job_comes_back_with_secrets_masked(world: World) -> None:
     world.backend.behaviour = "fail"
-    job = start(world)
+    events: list[dict[str, Any]] = []
+    job = start(world, on_event=events.append)
     result = await job
     assert result.state == "failed" and result.error is not None
     token = world.backend.jobs[result.job_id].worker_token
     assert token and token not in result.error and mask_secret(token) in result.error
+    failed = events[-1]
+    assert failed["type"] == "learning.policy.gepa.job.failed"
+    assert token not in json.dumps(failed) and mask_secret(token) in failed["message"]
     snap = job.progress.snapshot()
     assert snap.state == "failed" and token not in snap.message
     assert token not in json.dumps(result.status)

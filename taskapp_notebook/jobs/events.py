@@ -21,6 +21,7 @@ __all__ = [
     "JobEventFeed",
     "candidate_components",
     "final_state",
+    "scrub_doc",
 ]
 
 SUCCESS_EVENTS = frozenset({
@@ -96,6 +97,17 @@ def candidate_components(value: Any) -> dict[str, str]:
     return {str(k): v for k, v in value.items() if isinstance(v, str) and k != "id"}
 
 
+def scrub_doc(value: Any, scrub: Callable[[str], str]) -> Any:
+    """``value`` (JSON-like) with ``scrub`` applied to every string in it."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {k: scrub_doc(v, scrub) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub_doc(v, scrub) for v in value]
+    return value
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
@@ -108,6 +120,8 @@ class JobEventFeed:
     def __init__(self, progress: RunProgress, scrub: Callable[[str], str]) -> None:
         self.progress = progress
         self._scrub = scrub
+        #: ``scrub`` applied to a whole document (what user callbacks get).
+        self.scrub_doc: Callable[[Any], Any] = lambda doc: scrub_doc(doc, scrub)
         self.last_seq = 0
         self.events_seen = 0
 

@@ -28,7 +28,7 @@ from .backend import (
     resolve_job_host,
 )
 from .config import JobSpec, build_job_spec, load_job_config, merge_dot_overrides
-from .events import JobEventFeed
+from .events import JobEventFeed, scrub_doc
 from .follow import follow_job
 from .handle import HostedJob, InProcessJobResult
 
@@ -68,16 +68,6 @@ def _refuse_cloudflare(job_type: str, tunnel_mode: str, preconfigured_url: str |
             "for GEPA jobs (synth-ai 0.9 rejects *.trycloudflare.com / *.cfargotunnel.com). "
             "Use tunnel_mode='synthtunnel' (the default). Nothing was started."
         )
-
-
-def _scrub_doc(value: Any, secrets: tuple[str | None, ...]) -> Any:
-    if isinstance(value, str):
-        return scrub_secrets(value, secrets)
-    if isinstance(value, dict):
-        return {k: _scrub_doc(v, secrets) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_scrub_doc(v, secrets) for v in value]
-    return value
 
 
 async def _submit_and_follow(
@@ -137,7 +127,7 @@ async def _submit_and_follow(
         error = type(exc)(text if len(text) <= _MAX_ERROR else text[:_MAX_ERROR] + " …")
         cause = exc.__cause__
     else:
-        status = _scrub_doc(status, secrets)
+        status = scrub_doc(status, scrub)
         result = InProcessJobResult(job_id=handle.job_id or "", status=status,
                                     task_app_url=task_app_url, backend_url=host,
                                     kind=spec.kind, follow_stats=stats)
