@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import Request
+from fastapi import FastAPI, Request, Response
 from standin_synth_backend import IMPROVEMENT, StandInSynthBackend
 from support import free_port, port_is_free, serve, wait_for
 
@@ -27,11 +27,13 @@ from taskapp_notebook.errors import InvalidParameterError, mask_secret
 from taskapp_notebook.jobs import (
     HostedJob,
     JobConfigError,
+    JobError,
     JobTimeoutError,
     merge_dot_overrides,
     resolve_backend_url,
     run_in_process_job,
     run_in_process_job_sync,
+    submit_and_poll_job,
 )
 from taskapp_notebook.models import RewardInfo, RolloutRequest, RolloutResponse, TaskAppConfig
 from taskapp_notebook.relay import RelayServer
@@ -377,3 +379,35 @@ def test_cancel_before_it_ever_started(monkeypatch: pytest.MonkeyPatch) -> None:
     result = asyncio.run(job.wait())
     assert result.state == "cancelled" and result.error == "cancelled by the user"
     assert job.task_app is None and not registry.running()
+
+
+async def test_a_refused_create_is_a_clear_error_and_the_app_stops(world: World) -> None:
+    job = start(world, api_key="sk-not-the-standin-key-42")
+    with pytest.raises(JobError, match="HTTP 401") as info:
+        await job
+    assert "sk-not-the-standin-key-42" not in str(info.value)
+    assert job.progress.snapshot().state == "failed"
+    assert_everything_stopped(world, job)
+
+
+async def test_backend_errors_that_echo_the_request_never_show_secrets() -> None:
+    # An eval create carries the worker token in its body (synth-ai's transport for eval);
+    # a backend that echoes the request (FastAPI's 422 does) must not reveal it.
+    echo = FastAPI()
+
+    @echo.post("/api/v1/offline/jobs")
+    async def reject(request: Request) -> Response:
+        return Response(await request.body(), status_code=422, media_type="application/json")
+
+    worker, synth = "wt_abcdef1234567890abcdef", "sk_synth_9876543210"
+    with serve(echo) as url:
+        with pytest.raises(JobError) as info:
+            await submit_and_poll_job(
+                job_type="eval", task_app_url="http://127.0.0.1:9/s/rt_x",
+                task_app_worker_token=worker, config_dict={"env_name": "e", "seeds": [0]},
+                backend_url=url, api_key=synth,
+            )
+    message = str(info.value)
+    assert "HTTP 422" in message and worker not in message
+    assert mask_secret(worker) in message  # it was there, masked
+    assert info.value.__context__ is None  # the unscrubbed original is not reachable

@@ -28,7 +28,7 @@ from .backend import (
     resolve_job_host,
 )
 from .config import JobSpec, build_job_spec, load_job_config, merge_dot_overrides
-from .events import JobEventFeed, scrub_doc
+from .events import JobEventFeed, final_state, scrub_doc
 from .follow import follow_job
 from .handle import HostedJob, InProcessJobResult
 
@@ -88,11 +88,12 @@ async def _submit_and_follow(
     """Create the job and follow it; cancel it on the backend when cut short. Errors come
     out with every secret masked."""
     progress = handle.progress
+
     def scrub(text: str) -> str:
         return scrub_secrets(text, secrets)
+
     backend = JobBackend(host, synth_key)
     stats: dict[str, int] = {}
-    outcome: str | None = None
     try:
         try:
             job_id = handle.job_id = await backend.create(spec.path, spec.body,
@@ -109,10 +110,9 @@ async def _submit_and_follow(
                                               on_status=on_status, on_event=on_event,
                                               stats=stats)
         except TimeoutError:
-            outcome = f"did not end within {timeout:g} s"
             await _cancel_on_backend(backend, handle)
-            raise JobTimeoutError(f"Job {handle.job_id} {outcome}; it was cancelled on the "
-                                  "backend.") from None
+            raise JobTimeoutError(f"Job {handle.job_id} did not end within {timeout:g} s; it "
+                                  "was cancelled on the backend.") from None
         except asyncio.CancelledError:
             await _cancel_on_backend(backend, handle)
             if handle.cancel_reason is None:
@@ -161,8 +161,6 @@ async def _status_after_cancel(backend: JobBackend, handle: HostedJob) -> dict[s
 
 
 def _finish_progress(progress: RunProgress, result: InProcessJobResult) -> None:
-    from .events import final_state
-
     changes: dict[str, Any] = {"state": final_state(result.state or "failed")}
     if result.best_reward is not None:
         changes["best_score"] = result.best_reward
