@@ -411,3 +411,18 @@ async def test_backend_errors_that_echo_the_request_never_show_secrets() -> None
     assert "HTTP 422" in message and worker not in message
     assert mask_secret(worker) in message  # it was there, masked
     assert info.value.__context__ is None  # the unscrubbed original is not reachable
+
+
+async def test_a_changed_tunnel_url_is_reported(world: World) -> None:
+    # Synth's relay has no in-place renewal: at 80 % of the lease TTL our tunnel moves to a
+    # new lease and URL, while the job keeps the URL it was created with. The job says so.
+    world.backend.behaviour = "stuck"
+    job = start(world)
+    await asyncio.to_thread(wait_for, lambda: job.job_id is not None)
+    app = job.task_app
+    assert app is not None and app.url == job.submitted_url
+    app.url = app.url + "-renewed"  # what the tunnel's URL-change event sets
+    job._app_changed(app)  # the listener the tunnel event calls
+    assert "tunnel URL changed" in job.progress.snapshot().message
+    job.cancel()
+    assert (await job).state == "cancelled"

@@ -89,6 +89,9 @@ class HostedJob:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cancel_reason: str | None = None
         self._cancel_outcome = "cancelled"
+        #: The app URL the job was created with (set by the runner).
+        self.submitted_url: str | None = None
+        self._url_warned = False
         self._view: Any = None
         loop = running_loop()
         if loop is not None:
@@ -209,3 +212,12 @@ class HostedJob:
         ``stop_all``, kernel shutdown) ends the job; the job is cancelled on the backend."""
         if str(app.state) in ("stopping", "stopped", "failed") and not self.done():
             self._end(f"the task app stopped ({app.state}) before the job ended", "failed")
+        elif self.submitted_url and app.url and app.url != self.submitted_url \
+                and not self._url_warned:
+            # A relay without in-place lease renewal gave the tunnel a new URL; the job
+            # keeps calling the one it was created with. Say so where the user looks.
+            self._url_warned = True
+            logger.warning("The task app's tunnel URL changed while job %s runs; the backend "
+                           "still calls the URL the job was created with", self.job_id)
+            self.progress.update(message="warning: the tunnel URL changed during the job; "
+                                 "the backend may no longer reach the app")

@@ -298,7 +298,7 @@ def run_in_process_job(
         try:
             await task_app.astart()
             task_app.add_listener(handle._app_changed)
-            url = task_app.url or task_app.local_url
+            url = handle.submitted_url = task_app.url or task_app.local_url
             token = task_app.task_app_worker_token
             spec = build_job_spec(job_type, job_config, container_url=url,
                                   backend_api_base=api_base(backend),
