@@ -174,7 +174,7 @@ async def test_hosted_gepa_through_the_relay_with_a_dropped_stream(
     assert snap.best_candidate_id == "cand_1" and snap.rollouts == 6
     assert [c.id for c in snap.candidates] == ["baseline", "cand_1"]
     assert snap.best is not None and snap.best.components == {"main": SEED_PROMPT + IMPROVEMENT}
-    assert snap.extra["job_id"] == result.job_id
+    assert snap.extra["job_id"] == result.job_id and job.result is result
     assert_everything_stopped(world, job)
 
     # No secret in full anywhere: logs (every level, library loggers too), reprs, progress.

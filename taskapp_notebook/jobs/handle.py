@@ -83,7 +83,8 @@ class HostedJob:
         self.progress = progress
         self.job_id: str | None = None
         self.task_app: InProcessTaskApp | None = None
-        self.result_: InProcessJobResult | None = None
+        #: The result once the job has ended (None before; ``await job`` waits for it).
+        self.result: InProcessJobResult | None = None
         self._runner = runner
         self._task: asyncio.Task[InProcessJobResult] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -203,7 +204,7 @@ class HostedJob:
             return
         error = task.exception()
         if error is None:
-            self.result_ = task.result()
+            self.result = task.result()
         elif not self.progress.snapshot().is_final:
             self.progress.update(state="failed", message=str(error).splitlines()[0][:300])
 

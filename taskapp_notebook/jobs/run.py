@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..errors import InvalidParameterError, scrub_secrets
@@ -31,6 +31,9 @@ from .config import JobSpec, build_job_spec, load_job_config, merge_dot_override
 from .events import JobEventFeed, final_state, scrub_doc
 from .follow import follow_job
 from .handle import HostedJob, InProcessJobResult
+
+if TYPE_CHECKING:
+    from ..runner import ServeOn
 
 __all__ = ["run_in_process_job", "run_in_process_job_sync", "submit_and_poll_job"]
 
@@ -258,7 +261,7 @@ def run_in_process_job(
     port: int = 8114,
     auto_find_port: bool = True,
     health_check_timeout: float = 30.0,
-    serve_on: str = "auto",
+    serve_on: ServeOn = "auto",
     name: str | None = None,
 ) -> HostedJob:
     """Start the task app (with its tunnel) and run a hosted job against it, in the background.
@@ -288,7 +291,7 @@ def run_in_process_job(
         preconfigured_auth_token=preconfigured_auth_token, api_key=task_app_api_key,
         health_check_timeout=health_check_timeout, auto_find_port=auto_find_port,
         skip_tunnel_verification=True, force_new_tunnel=True,
-        serve_on=serve_on,  # type: ignore[arg-type]
+        serve_on=serve_on,
         name=name,
     )
 
