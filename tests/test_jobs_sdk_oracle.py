@@ -15,6 +15,9 @@ Differences ignored, each for a reason:
   also copies the train seeds to ``prompt_learning.train_seeds`` / ``evaluation_seeds``,
   names its own ``from_config`` path leaves out ("do not shadow seeds into deprecated
   top-level aliases"); we send the ``from_config`` shape for both inputs.
+* Eval: synth-ai's eval client only polls ``GET …/offline/jobs/{id}`` after the create; we
+  follow the event stream as for GEPA (same job family) and read the same status path. So
+  for eval the create is compared in full, and the SDK's status path must be among ours.
 * The SDK needs ``SYNTH_CONTAINER_AUTH_PRIVATE_KEY`` and ``ENVIRONMENT_API_KEY`` in its
   environment before it submits a GEPA job for a SynthTunnel URL (client-side checks; neither
   reaches the wire). Our agent adds the app's key locally, so we need neither.
