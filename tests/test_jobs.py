@@ -190,8 +190,10 @@ async def test_cancel_cancels_on_the_backend_and_stops_the_app(world: World) -> 
     await asyncio.to_thread(wait_for, lambda: job.job_id is not None
                             and job.progress.snapshot().state == "running")
     job.cancel()
+    job.cancel("a second click")  # changes nothing
     result = await job
     assert result.state == "cancelled" and not result.succeeded
+    assert result.error == "cancelled by the user"
     assert world.backend.cancels == [{"job_id": job.job_id, "body": {"state": "cancelled"}}]
     assert job.progress.snapshot().state == "cancelled"
     assert_everything_stopped(world, job)

@@ -128,11 +128,12 @@ class HostedJob:
         self._end(reason, "cancelled")
 
     def _end(self, reason: str, outcome: str) -> None:
-        if self._cancel_reason is None:
-            self._cancel_reason, self._cancel_outcome = reason, outcome
+        if self._cancel_reason is not None:
+            return  # already ending: a second click or a late app event changes nothing
+        self._cancel_reason, self._cancel_outcome = reason, outcome
         task, loop = self._task, self._loop
         if task is None or loop is None:
-            self.progress.update(state="cancelled", message=reason)
+            self.progress.update(state=outcome, message=reason)
             return
         if task.done():
             return
@@ -206,7 +207,8 @@ class HostedJob:
         if error is None:
             self.result = task.result()
         elif not self.progress.snapshot().is_final:
-            self.progress.update(state="failed", message=str(error).splitlines()[0][:300])
+            first_line = (str(error) or type(error).__name__).splitlines()[0]
+            self.progress.update(state="failed", message=first_line[:300])
 
     def _app_changed(self, app: InProcessTaskApp) -> None:
         """Listener on the task app: an app stopped from elsewhere (``%taskapp stop``,

@@ -126,7 +126,7 @@ async def _submit_and_follow(
             status = await _status_after_cancel(backend, handle)
     except JobError as exc:
         text = scrub(str(exc))
-        progress.update(state="failed", message=text.splitlines()[0][:300])
+        progress.update(state="failed", message=(text or type(exc).__name__).splitlines()[0][:300])
         error = type(exc)(text if len(text) <= _MAX_ERROR else text[:_MAX_ERROR] + " …")
         cause = exc.__cause__
     else:
