@@ -1,27 +1,32 @@
-"""run_in_process_job against a fake job backend (a stand-in for Synth's remote service).
+"""Hosted jobs end to end: our client, a real relay and agent, a stand-in Synth backend.
 
-The fake backend is a real FastAPI app on a real uvicorn server on 127.0.0.1. Like the real
-service it reads the task app's URL and key from the submitted job and calls the task app's
-/task_info and /rollout over HTTP, then reports a status the client polls.
+The stand-in (``tests/standin_synth_backend.py``) follows docs/hosted-jobs-wire.md: it takes
+the create request, calls the task app's ``/rollout`` through the real relay
+(``RelayServer``) and our agent (``InProcessTaskApp(tunnel_mode="synthtunnel")``) with the
+worker token and an ``inference_url`` of its own, streams events over SSE and finishes.
+Every server is a real uvicorn server on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import json
+import logging
 from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
-from support import free_port, serve
+from standin_synth_backend import IMPROVEMENT, StandInSynthBackend
+from support import free_port, port_is_free, serve, wait_for
 
-from taskapp_notebook.contract import TaskAppConfig, create_task_app
+from taskapp_notebook import registry
 from taskapp_notebook.errors import InvalidParameterError, mask_secret
 from taskapp_notebook.jobs import (
+    HostedJob,
+    JobConfigError,
     JobError,
     JobTimeoutError,
     merge_dot_overrides,
@@ -30,390 +35,396 @@ from taskapp_notebook.jobs import (
     run_in_process_job_sync,
     submit_and_poll_job,
 )
-from taskapp_notebook.models import RewardInfo, RolloutRequest, RolloutResponse
+from taskapp_notebook.models import RewardInfo, RolloutRequest, RolloutResponse, TaskAppConfig
+from taskapp_notebook.relay import RelayServer
 
-SYNTH_KEY = "synth-test-key-42"
-APP_KEY = "task-app-key-7"
+KEY = "synth-standin-key-0123456789"
+APP_KEY = "task-app-key-abcdef0123456789"
+SEED_PROMPT = "Answer the arithmetic question."
+
+GEPA = {
+    "prompt_learning": {
+        "algorithm": "gepa",
+        "policy": {"provider": "openai", "model": "gpt-4.1-nano",
+                   "inference_mode": "synth_hosted", "temperature": 0.0},
+        "task_data": {"split": "train",
+                      "train_pools": {"reflection_seeds": [0, 1], "pareto_seeds": [2]},
+                      "validation_seeds": [3]},
+        "gepa": {"env_name": "arithmetic", "termination_conditions": {"total_rollouts": 6},
+                 "rollout": {"budget": 6, "max_concurrent": 2}},
+    }
+}
 
 
-class FakeJobBackend:
-    """Accepts prompt-learning and eval jobs and runs them against the task app."""
+@dataclass
+class World:
+    relay: RelayServer
+    backend: StandInSynthBackend
+    backend_url: str
+    seen_by_app: list[dict[str, str]]
 
-    def __init__(self) -> None:
-        self.submissions: list[dict[str, Any]] = []
-        self.jobs: dict[str, dict[str, Any]] = {}
-        self._ids = itertools.count(1)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.app = FastAPI()
-        for kind, root in (
-            ("prompt_learning", "/api/prompt-learning/online/jobs"),
-            ("eval", "/api/eval/jobs"),
-        ):
-            self.app.add_api_route(root, self._creator(kind), methods=["POST"])
-            self.app.add_api_route(root + "/{job_id}", self._status, methods=["GET"])
 
-    def _creator(self, kind: str) -> Any:
-        async def create(request: Request) -> Any:
-            if request.headers.get("authorization") != f"Bearer {SYNTH_KEY}":
-                return JSONResponse({"detail": "invalid Synth API key"}, status_code=403)
-            body = await request.json()
-            self.submissions.append({"kind": kind, "headers": dict(request.headers), "body": body})
-            job = body["config_body"]["prompt_learning"] if kind == "prompt_learning" else body
-            job_id = f"{kind}-{next(self._ids)}"
-            self.jobs[job_id] = {"job_id": job_id, "status": "running"}
-            task = asyncio.create_task(self._run(job_id, job))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            return {"job_id": job_id}
+def task_config(seen: list[dict[str, str]]) -> TaskAppConfig:
+    """A task app whose reward depends on what the policy (the interceptor) answers."""
 
-        return create
+    async def rollout(request: RolloutRequest, fastapi_request: Request) -> RolloutResponse:
+        seen.append(dict(fastapi_request.headers))
+        url = str(request.policy.config["inference_url"]).rstrip("/") + "/chat/completions"
+        async with httpx.AsyncClient(trust_env=False) as client:
+            reply = await client.post(url, json={
+                "model": request.policy.config.get("model"),
+                "messages": [{"role": "system", "content": SEED_PROMPT},
+                             {"role": "user", "content": f"seed {request.env.seed}"}],
+            })
+        text = reply.json()["choices"][0]["message"]["content"]
+        reward = 1.0 if "step by step" in text else 0.25
+        return RolloutResponse(trace_correlation_id=request.trace_correlation_id,
+                               reward_info=RewardInfo(outcome_reward=reward))
 
-    async def _status(self, job_id: str, request: Request) -> Any:
-        if request.headers.get("authorization") != f"Bearer {SYNTH_KEY}":
-            return JSONResponse({"detail": "invalid Synth API key"}, status_code=403)
-        return self.jobs[job_id]
-
-    async def _run(self, job_id: str, job: dict[str, Any]) -> None:
-        behaviour = job.get("fake_behaviour", "run")
-        if behaviour == "stuck":
-            return
-        if behaviour == "fail":
-            self.jobs[job_id].update(status="failed", error="told to fail")
-            return
-        headers = {"X-API-Key": job.get("task_app_api_key", "")}
-        seeds = list(job.get("seeds", [0, 1]))
-        try:
-            async with httpx.AsyncClient(base_url=job["task_app_url"], headers=headers) as app:
-                info = await app.get("/task_info", params={"seeds": seeds})
-                info.raise_for_status()
-                rewards = []
-                for i, seed in enumerate(seeds):
-                    id_key = "trace_correlation_id" if i % 2 == 0 else "run_id"
-                    rollout = await app.post(
-                        "/rollout",
-                        json={id_key: f"{job_id}-{seed}", "env": {"seed": seed}, "policy": {}},
-                    )
-                    rollout.raise_for_status()
-                    data = rollout.json()
-                    assert data[id_key] == f"{job_id}-{seed}"
-                    rewards.append(data["reward_info"]["outcome_reward"])
-        except Exception as exc:
-            self.jobs[job_id].update(status="failed", error=f"{type(exc).__name__}: {exc}")
-            return
-        self.jobs[job_id].update(
-            status="succeeded",
-            best_score=sum(rewards) / len(rewards),
-            instances=len(info.json()),
-        )
+    return TaskAppConfig(app_id="arithmetic", name="Arithmetic", description="hosted test",
+                         rollout=rollout)
 
 
 @pytest.fixture
-def backend() -> Iterator[tuple[FakeJobBackend, str]]:
-    fake = FakeJobBackend()
-    with serve(fake.app) as url:
-        yield fake, url
+def world(monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
+    backend = StandInSynthBackend(KEY)
+    with RelayServer(api_keys=[KEY]) as relay, serve(backend.app) as url:
+        monkeypatch.setenv("SYNTH_BACKEND_URL", relay.url)  # leases: the relay
+        monkeypatch.setenv("SYNTH_API_KEY", KEY)
+        for name in ("SYNTH_RUST_BACKEND_URL", "SYNTH_RUST_BACKEND_URL_OVERRIDE",
+                     "RUST_BACKEND_URL"):
+            monkeypatch.delenv(name, raising=False)
+        yield World(relay, backend, url, [])
 
 
-def task_config() -> TaskAppConfig:
-    def rollout(request: RolloutRequest, fastapi_request: Request) -> RolloutResponse:
-        return RolloutResponse(
-            trace_correlation_id=request.trace_correlation_id,
-            reward_info=RewardInfo(outcome_reward=(request.env.seed or 0) / 10),
+def start(world: World, **kwargs: Any) -> HostedJob:
+    options: dict[str, Any] = dict(
+        config=task_config(world.seen_by_app), config_dict=GEPA, seed_prompt=SEED_PROMPT,
+        backend_url=world.backend_url, tunnel_mode="synthtunnel", task_app_api_key=APP_KEY,
+        port=free_port(), poll_interval=0.05, timeout=60,
+    )
+    options.update(kwargs)
+    return run_in_process_job(**options)
+
+
+def relay_health(world: World) -> dict[str, Any]:
+    health: dict[str, Any] = httpx.get(world.relay.url + "/health", trust_env=False).json()
+    return health
+
+
+def assert_everything_stopped(world: World, job: HostedJob) -> None:
+    assert job.task_app is not None
+    assert str(job.task_app.state) == "stopped"
+    assert port_is_free(job.task_app.port)
+    assert job.task_app not in registry.running()
+    assert wait_for(lambda: relay_health(world)["leases"] == 0, 10)
+
+
+async def test_hosted_gepa_through_the_relay_with_a_dropped_stream(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    world.backend.drop_stream_after = 2
+    job = start(world)
+    assert isinstance(job, HostedJob) and not job.done()  # returned at once
+    assert job.progress.snapshot().budget_total == 6
+    result = await job
+
+    assert result.succeeded, result.status
+    assert result.baseline_reward == 0.25 and result.best_reward == 1.0
+    assert result.best_prompt == {"main": SEED_PROMPT + IMPROVEMENT}
+    assert result.task_app_url.startswith(world.relay.url + "/s/rt_")
+
+    # The create request: 0.9.x envelope, header-only worker token, no secret in the body.
+    (create,) = [r for r in world.backend.requests if r.method == "POST"]
+    assert create.path == "/api/v1/offline/jobs"
+    assert set(create.body) == {"kind", "technique", "config_mode", "system", "config",
+                                "metadata", "auto_start"}
+    assert create.body["kind"] == "gepa_offline"
+    assert create.body["metadata"] == {"backend_base_url": world.backend_url + "/api"}
+    section = create.body["config"]["prompt_learning"]
+    assert section["container_url"] == result.task_app_url
+    assert section["gepa"]["initial_candidate"] == {
+        "stages": [{"stage_id": "main", "instruction": SEED_PROMPT}]}
+    token = create.headers["x-synthtunnel-worker-token"]
+    assert token and token not in json.dumps(create.body)
+    assert APP_KEY not in json.dumps(create.body) and KEY not in json.dumps(create.body)
+    others = [r for r in world.backend.requests if r is not create]
+    assert others and all("x-synthtunnel-worker-token" not in r.headers for r in others)
+    assert all(r.headers["authorization"] == f"Bearer {KEY}" for r in world.backend.requests)
+
+    # The backend reached the app through the relay and our agent, with the worker token.
+    assert len(world.backend.rollouts) == 6 and {r["status"] for r in world.backend.rollouts} \
+        == {200}
+    assert all(h.get("x-synthtunnel-lease-id") and h.get("x-forwarded-proto") == "https"
+               for h in world.seen_by_app)
+    assert all(h.get("x-api-key") == APP_KEY and token not in json.dumps(h)
+               for h in world.seen_by_app)
+    assert {i["candidate_id"] for i in world.backend.intercepted} == {"baseline", "cand_1"}
+
+    # The stream was dropped after 2 events and resumed with Last-Event-ID: 2.
+    connections = world.backend.stream_connections
+    assert connections[0] == {"last_event_id": None, "accept": "text/event-stream"}
+    assert connections[1]["last_event_id"] == "2"
+    assert result.follow_stats["resumed"] >= 1
+
+    snap = job.progress.snapshot()
+    assert snap.kind == "hosted gepa" and snap.state == "succeeded"
+    assert snap.seed_score == 0.25 and snap.best_score == 1.0
+    assert snap.best_candidate_id == "cand_1" and snap.rollouts == 6
+    assert [c.id for c in snap.candidates] == ["baseline", "cand_1"]
+    assert snap.best is not None and snap.best.components == {"main": SEED_PROMPT + IMPROVEMENT}
+    assert snap.extra["job_id"] == result.job_id and job.result is result
+    assert_everything_stopped(world, job)
+
+    # No secret in full anywhere: logs (every level, library loggers too), reprs, progress.
+    shown = "\n".join(r.getMessage() for r in caplog.records)
+    shown += repr(job) + repr(result) + repr(job.progress.snapshot())
+    for secret in (token, APP_KEY, KEY):
+        assert secret not in shown
+
+
+async def test_cancel_cancels_on_the_backend_and_stops_the_app(world: World) -> None:
+    world.backend.behaviour = "stuck"
+    job = start(world)
+    await asyncio.to_thread(wait_for, lambda: job.job_id is not None
+                            and job.progress.snapshot().state == "running")
+    job.cancel()
+    job.cancel("a second click")  # changes nothing
+    result = await job
+    assert result.state == "cancelled" and not result.succeeded
+    assert result.error == "cancelled by the user"
+    assert world.backend.cancels == [{"job_id": job.job_id, "body": {"state": "cancelled"}}]
+    assert job.progress.snapshot().state == "cancelled"
+    assert_everything_stopped(world, job)
+
+
+async def test_a_failed_job_comes_back_with_secrets_masked(world: World) -> None:
+    world.backend.behaviour = "fail"
+    events: list[dict[str, Any]] = []
+    job = start(world, on_event=events.append)
+    result = await job
+    assert result.state == "failed" and result.error is not None
+    token = world.backend.jobs[result.job_id].worker_token
+    assert token and token not in result.error and mask_secret(token) in result.error
+    failed = events[-1]
+    assert failed["type"] == "learning.policy.gepa.job.failed"
+    assert token not in json.dumps(failed) and mask_secret(token) in failed["message"]
+    snap = job.progress.snapshot()
+    assert snap.state == "failed" and token not in snap.message
+    assert token not in json.dumps(result.status)
+    assert_everything_stopped(world, job)
+
+
+async def test_timeout_cancels_the_job_and_stops_the_app(world: World) -> None:
+    world.backend.behaviour = "stuck"
+    job = start(world, timeout=1.0)
+    with pytest.raises(JobTimeoutError, match="did not end within 1 s"):
+        await job
+    assert [c["body"] for c in world.backend.cancels] == [{"state": "cancelled"}]
+    assert job.progress.snapshot().state == "failed"
+    assert_everything_stopped(world, job)
+
+
+async def test_interrupting_the_waiter_cancels_the_job(world: World) -> None:
+    world.backend.behaviour = "stuck"
+    job = start(world)
+    waiter = asyncio.ensure_future(job.wait())
+    await asyncio.to_thread(wait_for, lambda: job.job_id is not None)
+    waiter.cancel()  # what an interrupted `await job` does
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await asyncio.to_thread(wait_for, job.done)
+    assert [c["job_id"] for c in world.backend.cancels] == [job.job_id]
+    assert_everything_stopped(world, job)
+
+
+async def test_an_app_stopped_elsewhere_ends_the_job(world: World) -> None:
+    world.backend.behaviour = "stuck"
+    job = start(world)
+    await asyncio.to_thread(wait_for, lambda: job.job_id is not None)
+    assert job.task_app is not None
+    await job.task_app.astop()  # as %taskapp stop / stop_all / kernel shutdown would
+    result = await job
+    assert result.state == "failed" and "task app stopped" in (result.error or "")
+    assert [c["job_id"] for c in world.backend.cancels] == [job.job_id]
+    assert_everything_stopped(world, job)
+
+
+async def test_no_event_stream_falls_back_to_polling(world: World) -> None:
+    world.backend.sse = False
+    result = await start(world)
+    assert result.succeeded and result.best_reward == 1.0
+    assert result.follow_stats["polls"] >= 1
+    assert any(r.path.endswith("/events") for r in world.backend.requests)
+
+
+async def test_a_silent_stream_does_not_hide_the_end(world: World) -> None:
+    world.backend.silent_stream = True  # open, but no event ever arrives on it
+    result = await start(world)
+    assert result.succeeded and result.best_reward == 1.0
+    assert result.follow_stats["streams"] == 1 and result.follow_stats["polls"] == 0
+    assert len([r for r in world.backend.requests if r.path.endswith("/job_1")]) >= 2
+
+
+async def test_eval_job(world: World) -> None:
+    job = start(world, job_type="eval", config_dict={
+        "env_name": "arithmetic", "seeds": [0, 1],
+        "policy": {"provider": "openai", "model": "gpt-4.1-nano"}}, seed_prompt=None,
+        system_name="my-eval")
+    result = await job
+    assert result.succeeded and result.kind == "eval"
+    (create,) = [r for r in world.backend.requests if r.method == "POST"]
+    body = create.body
+    assert body["kind"] == "eval" and body["system"] == {"name": "my-eval", "reuse": True}
+    assert body["config"]["container_url"] == result.task_app_url
+    assert body["prompt_opt_version"] == "v1" and body["container_worker_token"]
+    assert "x-synthtunnel-worker-token" not in create.headers  # that client's transport
+    assert job.progress.snapshot().kind == "hosted eval"
+    assert_everything_stopped(world, job)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"api_key": None}, InvalidParameterError, "SYNTH_API_KEY"),
+        ({"tunnel_mode": "quick"}, InvalidParameterError, "Use tunnel_mode='synthtunnel'"),
+        ({"tunnel_mode": "preconfigured", "preconfigured_url": "https://x.trycloudflare.com"},
+         InvalidParameterError, "Cloudflare"),
+        ({"overrides": {"prompt_learning.initial_prompt": "hi"}}, JobConfigError,
+         "initial_candidate"),
+        ({"config_dict": {"algorithm": "gepa", "config_body": {}}}, JobConfigError,
+         "Top-level 'algorithm'"),
+        ({"overrides": {"prompt_learning.gepa.container_api_key": "k"}}, JobConfigError,
+         "gepa.container_api_key"),
+        ({"overrides": {"prompt_learning.gepa.rollout_budget": 4}}, JobConfigError,
+         "gepa.rollout.budget"),
+        ({"job_type": "rl"}, InvalidParameterError, "job_type must be one of"),
+    ],
+)
+def test_refused_before_anything_starts(
+    kwargs: dict[str, Any], error: type[Exception], match: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if "api_key" in kwargs:
+        monkeypatch.delenv("SYNTH_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("SYNTH_API_KEY", KEY)
+    options: dict[str, Any] = dict(config=task_config([]), config_dict=GEPA,
+                                   backend_url="https://api.usesynth.ai")
+    options.update(kwargs)
+    before = set(registry.running())
+    with pytest.raises(error, match=match):
+        run_in_process_job(**options)
+    assert set(registry.running()) == before
+
+
+def test_sync_wrapper_with_a_local_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = StandInSynthBackend(KEY)
+    backend.container_api_key = APP_KEY  # resolved server-side: we never send it
+    seen: list[dict[str, str]] = []
+    events: list[dict[str, Any]] = []
+    statuses: list[dict[str, Any]] = []
+    monkeypatch.setenv("SYNTH_API_KEY", KEY)
+    with serve(backend.app) as url:
+        result = run_in_process_job_sync(
+            config=task_config(seen), config_dict=GEPA, seed_prompt=SEED_PROMPT,
+            backend_url=url, port=free_port(), poll_interval=0.05, timeout=60,
+            task_app_api_key=APP_KEY, on_event=events.append, on_status=statuses.append,
         )
-
-    def instances(seeds: list[int]) -> list[dict[str, Any]]:
-        return [{"task": {"id": "jobs-demo", "name": "Jobs demo"}} for _ in seeds]
-
-    return TaskAppConfig(
-        app_id="jobs-demo",
-        name="Jobs demo",
-        description="task app for job tests",
-        provide_task_instances=instances,
-        rollout=rollout,
-    )
+    assert result.succeeded and result.best_reward == 1.0
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[-1]["type"] == "learning.policy.gepa.job.completed"
+    assert statuses and statuses[-1]["status"] == "succeeded"
+    # A backend on this machine: no tunnel (as synth-ai does), the app's loopback URL.
+    assert result.task_app_url.startswith("http://127.0.0.1:")
+    assert "x-synthtunnel-worker-token" not in backend.requests[0].headers
+    assert APP_KEY not in json.dumps(backend.requests[0].body)
 
 
-@pytest.fixture
-def task_app_url() -> Iterator[str]:
-    with serve(create_task_app(task_config(), api_keys=[APP_KEY])) as url:
-        yield url
-
-
-# --- submit_and_poll_job: the HTTP half, against a task app we serve ourselves ----------------
-
-
-async def test_prompt_learning_job_end_to_end(
-    backend: tuple[FakeJobBackend, str], task_app_url: str, tmp_path: Path
-) -> None:
-    fake, backend_url = backend
-    config_path = tmp_path / "gepa.toml"
-    config_path.write_text('[prompt_learning]\nalgorithm = "gepa"\nseeds = [1, 2, 3]\n')
-    seen: list[dict[str, Any]] = []
-    result = await submit_and_poll_job(
-        task_app_url=task_app_url,
-        task_app_api_key=APP_KEY,
-        task_app_worker_token="worker-token-1",
-        config_path=config_path,
-        overrides={"prompt_learning.gepa.budget": 7},
-        backend_url=backend_url + "/api/",
-        api_key=SYNTH_KEY,
-        poll_interval=0.05,
-        timeout=60,
-        on_status=seen.append,
-    )
-    assert result.succeeded and result.status["status"] == "succeeded"
-    assert result.status["best_score"] == pytest.approx(0.2)
-    assert result.status["instances"] == 3
-    assert result.job_id == "prompt_learning-1"
-    assert result.backend_url == backend_url
-    assert result.task_app_worker_token == "worker-token-1"
-    assert "worker-token-1" not in repr(result)
-    assert seen and seen[-1]["status"] == "succeeded"
-
-    (submission,) = fake.submissions
-    body = submission["body"]
-    assert submission["headers"]["x-synthtunnel-worker-token"] == "worker-token-1"
-    assert body["algorithm"] == "gepa"
-    assert body["metadata"] == {"worker_token": "worker-token-1"}
-    section = body["config_body"]["prompt_learning"]
-    assert section["task_app_url"] == task_app_url
-    assert section["task_app_api_key"] == APP_KEY
-    assert section["gepa"] == {"budget": 7}
-
-
-async def test_eval_job_and_no_poll(
-    backend: tuple[FakeJobBackend, str], task_app_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    fake, backend_url = backend
-    monkeypatch.setenv("SYNTH_API_KEY", SYNTH_KEY)
-    monkeypatch.setenv("SYNTH_BACKEND_URL", backend_url)
-    result = await submit_and_poll_job(
-        job_type="eval",
-        task_app_url=task_app_url,
-        task_app_api_key=APP_KEY,
-        config_dict={"env_name": "demo", "seeds": [4]},
-        poll_interval=0.05,
-        timeout=60,
-    )
-    assert result.succeeded and result.status["best_score"] == pytest.approx(0.4)
-    body = fake.submissions[0]["body"]
-    assert body["task_app_url"] == task_app_url and body["env_name"] == "demo"
-    assert "x-synthtunnel-worker-token" not in fake.submissions[0]["headers"]
-
-    submitted = await submit_and_poll_job(
-        job_type="eval",
-        task_app_url=task_app_url,
-        task_app_api_key=APP_KEY,
-        config_dict={"fake_behaviour": "stuck"},
-        poll=False,
-    )
-    assert submitted.status == {"status": "submitted", "job_id": submitted.job_id}
-
-
-async def test_failed_job_is_returned_not_raised(
-    backend: tuple[FakeJobBackend, str], task_app_url: str
-) -> None:
-    _, backend_url = backend
-    result = await submit_and_poll_job(
-        task_app_url=task_app_url,
-        config_dict={"prompt_learning": {"fake_behaviour": "fail"}},
-        backend_url=backend_url,
-        api_key=SYNTH_KEY,
-        poll_interval=0.05,
-    )
-    assert not result.succeeded and result.status["status"] == "failed"
-
-
-async def test_wrong_task_app_key_fails_the_job(
-    backend: tuple[FakeJobBackend, str], task_app_url: str
-) -> None:
-    _, backend_url = backend
-    result = await submit_and_poll_job(
-        task_app_url=task_app_url,
-        task_app_api_key="not-the-key",
-        config_dict={"prompt_learning": {}},
-        backend_url=backend_url,
-        api_key=SYNTH_KEY,
-        poll_interval=0.05,
-    )
-    assert result.status["status"] == "failed" and "401" in result.status["error"]
-
-
-async def test_backend_rejection_and_timeout(
-    backend: tuple[FakeJobBackend, str], task_app_url: str
-) -> None:
-    _, backend_url = backend
-    with pytest.raises(JobError, match="HTTP 403") as rejected:
-        await submit_and_poll_job(
-            task_app_url=task_app_url,
-            config_dict={},
-            backend_url=backend_url,
-            api_key="wrong-synth-key",
-        )
-    assert "wrong-synth-key" not in str(rejected.value)
-
-    with pytest.raises(JobTimeoutError, match="did not finish within 0.3 s") as timed_out:
-        await submit_and_poll_job(
-            task_app_url=task_app_url,
-            config_dict={"prompt_learning": {"fake_behaviour": "stuck"}},
-            backend_url=backend_url,
-            api_key=SYNTH_KEY,
-            poll_interval=0.05,
-            timeout=0.3,
-        )
-    assert isinstance(timed_out.value, TimeoutError)
-
-
-async def test_argument_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("SYNTH_API_KEY", raising=False)
-    with pytest.raises(InvalidParameterError, match="SYNTH_API_KEY"):
-        await submit_and_poll_job(task_app_url="http://127.0.0.1:1", config_dict={})
-    with pytest.raises(InvalidParameterError, match="job_type must be one of"):
-        await submit_and_poll_job(job_type="rl", task_app_url="http://x", config_dict={})
-    with pytest.raises(InvalidParameterError, match="exactly one of config_path"):
-        await submit_and_poll_job(task_app_url="http://x", api_key="k")
-    with pytest.raises(FileNotFoundError, match="missing.toml"):
-        await submit_and_poll_job(
-            task_app_url="http://x", api_key="k", config_path=tmp_path / "missing.toml"
-        )
-    broken = tmp_path / "broken.toml"
-    broken.write_text("[prompt_learning\n")
-    with pytest.raises(InvalidParameterError, match="is not valid"):
-        await submit_and_poll_job(task_app_url="http://x", api_key="k", config_path=broken)
+async def test_sync_wrapper_refuses_a_running_loop() -> None:
+    with pytest.raises(RuntimeError, match="await job"):
+        run_in_process_job_sync(config=task_config([]), config_dict=GEPA)
 
 
 def test_overrides_and_backend_url(monkeypatch: pytest.MonkeyPatch) -> None:
     base = {"prompt_learning": {"gepa": {"budget": 1, "pop": 4}}, "keep": True}
     merged = merge_dot_overrides(base, {"prompt_learning.gepa.budget": 9, "new.deep.key": "v"})
-    assert merged == {
-        "prompt_learning": {"gepa": {"budget": 9, "pop": 4}},
-        "keep": True,
-        "new": {"deep": {"key": "v"}},
-    }
+    assert merged == {"prompt_learning": {"gepa": {"budget": 9, "pop": 4}}, "keep": True,
+                      "new": {"deep": {"key": "v"}}}
     assert base["prompt_learning"]["gepa"]["budget"] == 1  # input untouched
     monkeypatch.delenv("SYNTH_BACKEND_URL", raising=False)
     assert resolve_backend_url() == "https://api.usesynth.ai"
     monkeypatch.setenv("SYNTH_BACKEND_URL", "http://localhost:8000/api/")
     assert resolve_backend_url() == "http://localhost:8000"
-    assert resolve_backend_url("https://example.test") == "https://example.test"
 
 
-# --- run_in_process_job: the runner serves the app, the job runs against it -------------------
+async def test_the_handle_displays_the_run_view_or_a_text_line(world: World) -> None:
+    job = start(world)
+    bundle = job._repr_mimebundle_(include=None, exclude=None)
+    assert "text/plain" in bundle
+    if job._view is not None:  # the run view is installed (its Stop button is job.cancel)
+        view = job._view
+        assert "text/html" in job._repr_mimebundle_(include=None, exclude=None)
+        assert job._view is view  # built once, lazily
+    else:
+        assert bundle["text/plain"].startswith("<HostedJob hosted gepa")
+    result = await job
+    assert result.succeeded
 
 
-async def test_run_in_process_job_with_config(backend: tuple[FakeJobBackend, str]) -> None:
-    fake, backend_url = backend
-    result = await run_in_process_job(
-        config=task_config(),
-        config_dict={"prompt_learning": {"seeds": [5, 6]}},
-        backend_url=backend_url,
-        api_key=SYNTH_KEY,
-        task_app_api_key=APP_KEY,
-        port=free_port(),
-        poll_interval=0.05,
-        timeout=60,
-    )
-    assert result.succeeded, result.status
-    assert result.status["best_score"] == pytest.approx(0.55)
-    assert result.task_app_url.startswith("http://127.0.0.1:")
-    section = fake.submissions[0]["body"]["config_body"]["prompt_learning"]
-    assert section["task_app_api_key"] == APP_KEY
-    assert section["task_app_url"] == result.task_app_url
-    with pytest.raises(httpx.ConnectError):  # the app was stopped on the way out
-        httpx.get(result.task_app_url + "/")
+def test_cancel_before_it_ever_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SYNTH_API_KEY", KEY)
+    job = run_in_process_job(config=task_config([]), config_dict=GEPA, seed_prompt="s",
+                             backend_url="http://127.0.0.1:9", port=free_port())
+    job.cancel()  # no loop here: nothing runs until awaited, and now nothing will
+    result = asyncio.run(job.wait())
+    assert result.state == "cancelled" and result.error == "cancelled by the user"
+    assert job.task_app is None and not registry.running()
 
 
-async def test_run_in_process_job_with_task_app_path(
-    backend: tuple[FakeJobBackend, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    fake, backend_url = backend
-    monkeypatch.setenv("ENVIRONMENT_API_KEY", "env-app-key")
-    path = tmp_path / "job_app.py"
-    path.write_text(
-        "from taskapp_notebook.contract import TaskAppConfig\n"
-        "from taskapp_notebook.models import RolloutResponse, RewardInfo\n"
-        "def rollout(request, fastapi_request):\n"
-        "    return RolloutResponse(reward_info=RewardInfo(outcome_reward=1.0))\n"
-        "def instances(seeds):\n"
-        "    return [{'task': {'id': 'f', 'name': 'F'}} for _ in seeds]\n"
-        "config = TaskAppConfig(app_id='from-file', name='F', description='',\n"
-        "    provide_task_instances=instances, rollout=rollout)\n"
-    )
-    result = await run_in_process_job(
-        task_app_path=path,
-        config_dict={"prompt_learning": {"seeds": [0]}},
-        backend_url=backend_url,
-        api_key=SYNTH_KEY,
-        port=free_port(),
-        poll_interval=0.05,
-        timeout=60,
-    )
-    assert result.succeeded, result.status
-    assert result.status["best_score"] == 1.0
-    section = fake.submissions[0]["body"]["config_body"]["prompt_learning"]
-    assert section["task_app_api_key"] == "env-app-key"
+async def test_a_refused_create_is_a_clear_error_and_the_app_stops(world: World) -> None:
+    job = start(world, api_key="sk-not-the-standin-key-42")
+    with pytest.raises(JobError, match="HTTP 401") as info:
+        await job
+    assert "sk-not-the-standin-key-42" not in str(info.value)
+    assert job.progress.snapshot().state == "failed"
+    assert_everything_stopped(world, job)
 
 
-def test_sync_wrapper(backend: tuple[FakeJobBackend, str]) -> None:
-    _, backend_url = backend
-    result = run_in_process_job_sync(
-        config=task_config(),
-        config_dict={"prompt_learning": {"seeds": [2]}},
-        backend_url=backend_url,
-        api_key=SYNTH_KEY,
-        task_app_api_key=APP_KEY,
-        port=free_port(),
-        poll_interval=0.05,
-        timeout=60,
-    )
-    assert result.succeeded and result.status["best_score"] == pytest.approx(0.2)
-
-
-async def test_sync_wrapper_refuses_a_running_loop() -> None:
-    with pytest.raises(RuntimeError, match="await run_in_process_job"):
-        run_in_process_job_sync(config=task_config(), config_dict={})
-
-
-async def test_backend_errors_that_echo_the_request_never_show_secrets(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # FastAPI's own 422 echoes the offending input; a backend may echo the whole body.
+async def test_backend_errors_that_echo_the_request_never_show_secrets() -> None:
+    # An eval create carries the worker token in its body (synth-ai's transport for eval);
+    # a backend that echoes the request (FastAPI's 422 does) must not reveal it.
     echo = FastAPI()
 
-    @echo.post("/api/prompt-learning/online/jobs")
+    @echo.post("/api/v1/offline/jobs")
     async def reject(request: Request) -> Response:
         return Response(await request.body(), status_code=422, media_type="application/json")
 
-    monkeypatch.delenv("SYNTH_API_KEY", raising=False)
-    worker, app_key, synth = "worker-token-abcdef123456", "app-key-abcdef123456", "synth-key-9876"
-    with serve(echo) as base:
+    worker, synth = "wt_abcdef1234567890abcdef", "sk_synth_9876543210"
+    with serve(echo) as url:
         with pytest.raises(JobError) as info:
             await submit_and_poll_job(
-                task_app_url="http://127.0.0.1:9/", task_app_api_key=app_key,
-                task_app_worker_token=worker, config_dict={"prompt_learning": {}},
-                backend_url=base, api_key=synth,
+                job_type="eval", task_app_url="http://127.0.0.1:9/s/rt_x",
+                task_app_worker_token=worker, config_dict={"env_name": "e", "seeds": [0]},
+                backend_url=url, api_key=synth,
             )
     message = str(info.value)
-    assert "HTTP 422" in message
-    for secret in (worker, app_key):
-        assert secret not in message
-        assert mask_secret(secret) in message  # it was there, masked
-
-
-async def test_secret_at_the_error_length_cut_is_still_masked() -> None:
-    worker = "wt_A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6"
-    reject = FastAPI()
-
-    @reject.post("/api/prompt-learning/online/jobs")
-    async def refuse() -> Response:  # the token straddles the old 500-character cut
-        return Response("x" * 470 + worker + "y" * 600, status_code=422)
-
-    with serve(reject) as base:
-        with pytest.raises(JobError) as info:
-            await submit_and_poll_job(
-                task_app_url="http://127.0.0.1:9/", task_app_worker_token=worker,
-                config_dict={"prompt_learning": {}}, backend_url=base, api_key="synth-key-1",
-            )
-    message = str(info.value)
-    assert worker[:12] not in message and mask_secret(worker) in message
+    assert "HTTP 422" in message and worker not in message
+    assert mask_secret(worker) in message  # it was there, masked
     assert info.value.__context__ is None  # the unscrubbed original is not reachable
+
+
+async def test_a_changed_tunnel_url_is_reported(world: World) -> None:
+    # Synth's relay has no in-place renewal: at 80 % of the lease TTL our tunnel moves to a
+    # new lease and URL, while the job keeps the URL it was created with. The job says so.
+    world.backend.behaviour = "stuck"
+    job = start(world)
+    await asyncio.to_thread(wait_for, lambda: job.job_id is not None)
+    app = job.task_app
+    assert app is not None and app.url == job.submitted_url
+    app.url = app.url + "-renewed"  # what the tunnel's URL-change event sets
+    job._app_changed(app)  # the listener the tunnel event calls
+    assert "tunnel URL changed" in job.progress.snapshot().message
+    job.cancel()
+    assert (await job).state == "cancelled"

@@ -9,7 +9,10 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
-NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+#: Notebooks that need a job backend run in their own test against the stand-in backend
+#: (tests/test_hosted_notebook.py), with the environment a user would set.
+NEEDS_BACKEND = {"hosted_gepa.ipynb"}
+NOTEBOOKS = sorted(p for p in NOTEBOOK_DIR.glob("*.ipynb") if p.name not in NEEDS_BACKEND)
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(180)]
 
