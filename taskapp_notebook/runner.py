@@ -268,6 +268,22 @@ class InProcessTaskApp:
         else:
             run_sync(loop, self._stop_here(), timeout=_STOP_TIMEOUT, finish_on_interrupt=True)
 
+    def restart(self) -> InProcessTaskApp:
+        """Stop (if running) and start again on the port it last had, with the same key."""
+        self.stop()
+        self._keep_port()
+        return self.start()
+
+    async def arestart(self) -> InProcessTaskApp:
+        """:meth:`restart` from async code."""
+        await self.astop()
+        self._keep_port()
+        return await self.astart()
+
+    def _keep_port(self) -> None:
+        if self.state in (AppState.STOPPED, AppState.FAILED):
+            self.requested_port = self.port
+
     # ------------------------------------------------------------------ observation
 
     @property
