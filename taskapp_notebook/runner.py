@@ -35,8 +35,8 @@ from .errors import (
     mask_secret,
 )
 from .health import HealthResult, auth_headers, wait_healthy
-from .loops import LoopThread, run_sync, running_loop
-from .ports import acquire_port, validate_host, validate_port
+from .loops import LoopThread, in_ipython_kernel, run_sync, running_loop
+from .ports import DEFAULT_PORT, acquire_port, validate_host, validate_port
 from .stats import ASGIApp, RequestStats
 from .tunnels.base import Tunnel, TunnelContext, create_tunnel
 
@@ -77,7 +77,7 @@ class InProcessTaskApp:
         config: TaskAppConfig | None = None,
         config_factory: Callable[[], TaskAppConfig] | None = None,
         task_app_path: Path | str | None = None,
-        port: int = 8114,
+        port: int = DEFAULT_PORT,
         host: str = "127.0.0.1",
         tunnel_mode: str = "synthtunnel",
         tunnel_backend: Any | None = None,
@@ -117,6 +117,9 @@ class InProcessTaskApp:
         self._config_factory = config_factory
         self.task_app_path = task_path
         self.requested_port = self.port
+        #: True when the caller chose the port (anything but the default 8114): moving off a
+        #: busy port is then a WARNING (the URL is not the one asked for), else only INFO.
+        self.port_pinned = self.port != DEFAULT_PORT
         self.tunnel_backend = tunnel_backend
         self.preconfigured_url = preconfigured_url
         self.preconfigured_auth_header = preconfigured_auth_header
@@ -144,7 +147,11 @@ class InProcessTaskApp:
         #: The same events with their ``time.time()``, for merging with request records.
         self.timed_events: deque[tuple[float, str]] = deque(maxlen=200)
         self.tunnel: Tunnel | None = None
+        #: Every worker token this instance has been given (masked in views and logs even
+        #: after the lease that carried it is gone).
+        self._worker_tokens: set[str] = set()
         self._server: ServerHandle | None = None
+        self._asgi_app: ASGIApp | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: LoopThread | None = None
         self._listeners: list[Callable[[InProcessTaskApp], None]] = []
@@ -283,6 +290,10 @@ class InProcessTaskApp:
     def _keep_port(self) -> None:
         if self.state in (AppState.STOPPED, AppState.FAILED):
             self.requested_port = self.port
+            self.port_pinned = True  # the URL it had: moving off it is worth a warning
+        #: True when the caller chose the port (anything but the default 8114): moving off a
+        #: busy port is then a WARNING (the URL is not the one asked for), else only INFO.
+        self.port_pinned = self.port != DEFAULT_PORT
 
     # ------------------------------------------------------------------ observation
 
@@ -313,6 +324,12 @@ class InProcessTaskApp:
     def remove_listener(self, callback: Callable[[InProcessTaskApp], None]) -> None:
         with contextlib.suppress(ValueError):
             self._listeners.remove(callback)
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret this app holds or held (API key, preconfigured auth token, worker
+        tokens), for :func:`~taskapp_notebook.errors.scrub_secrets`."""
+        held = (self.api_key, self._preconfigured_auth_token, *sorted(self._worker_tokens))
+        return tuple(secret for secret in held if secret)
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-able summary with secrets masked."""
@@ -381,9 +398,7 @@ class InProcessTaskApp:
                 )
             self.serve_on = "loop"
         else:
-            self.serve_on = "loop" if loop is not None and registry.in_ipython_kernel() else (
-                "thread"
-            )
+            self.serve_on = "loop" if loop is not None and in_ipython_kernel() else "thread"
         self.port = self.requested_port
         # Registered from the start, so stop_all / kernel shutdown / signals see an app even
         # while it is starting (or if an interrupt leaves its start running).
@@ -397,7 +412,7 @@ class InProcessTaskApp:
         stopped (here, in the caller's context, where both loops can make progress)."""
         if self.auto_find_port:
             return None
-        other = registry.find_by_port(self.requested_port)
+        other: InProcessTaskApp | None = registry.find_by_port(self.requested_port)
         if other is None or other is self:
             return None
         logger.warning("Port %d is held by %r in this process; stopping it (auto_find_port="
@@ -420,8 +435,10 @@ class InProcessTaskApp:
                 app=self._app, config=self._config, config_factory=self._config_factory,
                 task_app_path=self.task_app_path, api_key=self.api_key,
             )
+            self._asgi_app = asgi_app
             sock = await acquire_port(self.host, self.requested_port,
-                                      auto_find_port=self.auto_find_port)
+                                      auto_find_port=self.auto_find_port,
+                                      pinned=self.port_pinned)
             self.port = sock.getsockname()[1]
             from .server import ServerHandle
             from .stats import InstrumentedApp
@@ -443,7 +460,7 @@ class InProcessTaskApp:
             )
             logger.debug("Health check passed in %.1f ms", self.health.seconds * 1000)
             self.url = await tunnel.open(self._tunnel_context())
-            self.task_app_worker_token = tunnel.worker_token
+            self._set_worker_token(tunnel.worker_token)
             if not self.skip_tunnel_verification and tunnel.mode != "local":
                 await self._verify_tunnel(tunnel)
             if self._stop_requested:  # a stop arrived as the start finished
@@ -555,16 +572,23 @@ class InProcessTaskApp:
                 logger.warning("Error while closing the %s tunnel", tunnel.mode, exc_info=True)
             except BaseException as exc:  # noqa: BLE001 - finish the teardown first
                 interrupted = exc
+        stopped = server is None
         if server is not None:
             for _ in range(2):  # once more if an interrupt cut the first attempt short
                 try:
                     await server.stop()
+                    stopped = True
                     break
                 except Exception:  # noqa: BLE001
                     logger.warning("Error while stopping the server", exc_info=True)
                     break
                 except BaseException as exc:  # noqa: BLE001
                     interrupted = interrupted or exc
+        app, self._asgi_app = self._asgi_app, None
+        if app is not None and stopped:
+            from .loading import release_asgi_app
+
+            release_asgi_app(app)  # the next start with the same config may reuse it
         if interrupted is not None:
             raise interrupted
 
@@ -592,8 +616,8 @@ class InProcessTaskApp:
                 helper.join(_STOP_TIMEOUT)
         self._after_stop()
 
-    def _stop_from_signal(self) -> concurrent.futures.Future[None] | None:
-        """Called from a signal handler on the main thread.
+    def stop_from_signal(self) -> concurrent.futures.Future[None] | None:
+        """Stop from a signal handler on the main thread (the registry's SIGTERM / SIGINT).
 
         Returns the rest of the stop when it was scheduled on the running loop (loop mode),
         None when the app is already stopped or stopping.
@@ -644,11 +668,16 @@ class InProcessTaskApp:
             if tunnel.url and tunnel.url != self.url:
                 logger.info("Tunnel URL of %r changed to %s", self.name, tunnel.url)
                 self.url = tunnel.url
-            self.task_app_worker_token = tunnel.worker_token
+            self._set_worker_token(tunnel.worker_token)
         for listener in list(self._listeners):
             with contextlib.suppress(Exception):
                 listener(self)
 
+
+    def _set_worker_token(self, token: str | None) -> None:
+        self.task_app_worker_token = token
+        if token:
+            self._worker_tokens.add(token)
 
     async def _verify_tunnel(self, tunnel: Tunnel) -> None:
         assert self.url is not None

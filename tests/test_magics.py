@@ -513,3 +513,26 @@ def usage_error_with_id(ip: InteractiveShell, code: str, cell_id: str) -> str:
     assert isinstance(result.error_in_exec, UsageError), (code, out)
     assert "Traceback" not in out, out
     return out
+
+
+def test_every_view_renders_from_the_one_presenter(shell: InteractiveShell) -> None:
+    from taskapp_notebook.notebook.widget import TaskAppView
+
+    app = cell(shell, "--tunnel local --no-widget --name shown")
+    app.started_at = __import__("time").time() - 185  # up for 3 min 5 s
+    view = TaskAppView(app, monitor=False)
+    try:
+        with capture_output() as listed:
+            shell.run_line_magic("taskapp", "list")
+        with capture_output() as status:
+            shell.run_line_magic("taskapp", "status shown")
+        table = listed.outputs[0].data["text/plain"]
+        detail = status.outputs[0].data["text/plain"]
+        for text in (table, detail, view.summary_text(), view.summary_html()):
+            assert "3m 05s" in text, text
+            assert app.api_key not in text and app.api_key[-4:] in text or text is table
+        with capture_output() as logs:
+            shell.run_line_magic("taskapp", "logs shown -n 40")
+        assert logs.stdout.splitlines()[1:] == view.log_lines()[-40:]
+    finally:
+        view.close()

@@ -33,21 +33,6 @@ _HANDLER_TABLES = ("control_handlers", "shell_handlers")
 SHUTDOWN_TIMEOUT = 3.0
 
 
-async def stop_running_apps(timeout: float = SHUTDOWN_TIMEOUT) -> None:
-    """Stop every running app concurrently from async code; give up after ``timeout``."""
-    apps = registry.running()
-    if not apps:
-        return
-    logger.info("Kernel shutdown: stopping %d task app(s)", len(apps))
-    results = asyncio.gather(*(app.astop() for app in apps), return_exceptions=True)
-    try:
-        for result in await asyncio.wait_for(results, timeout):
-            if isinstance(result, BaseException):
-                logger.warning("Error while stopping a task app at shutdown: %s", result)
-    except TimeoutError:
-        logger.warning("Task apps did not stop within %.1f s; the kernel exits anyway", timeout)
-
-
 class KernelHooks:
     """Cell-id tracking and shutdown hooks for one IPython shell (kernel or not)."""
 
@@ -181,7 +166,7 @@ def _wrap_shutdown(original: Handler) -> Callable[..., Awaitable[Any]]:
 
     async def shutdown_request(stream: Any, ident: Any, parent: Any) -> Any:
         try:
-            await stop_running_apps()
+            await registry.astop_all(SHUTDOWN_TIMEOUT)
         except Exception:  # noqa: BLE001 - the kernel must shut down regardless
             logger.warning("Error while stopping task apps at kernel shutdown", exc_info=True)
         result = original(stream, ident, parent)

@@ -374,7 +374,7 @@ class TaskAppMagics(Magics):
 
     def _pick(self, name: str | None, command: str, *, include_stopped: bool = False
               ) -> InProcessTaskApp:
-        apps = registry.running()
+        apps: list[InProcessTaskApp] = registry.running()
         names = ", ".join(repr(a.name) for a in apps) or "none"
         if name is not None:
             for app in apps:
