@@ -53,6 +53,10 @@ def test_no_private_attribute_of_another_object() -> None:
             if (name, node.attr) in FOREIGN_PRIVATE:
                 continue
             offenders.append(f"{name}:{node.lineno} .{node.attr}")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                offenders += [f"{name}:{node.lineno} import {alias.name}" for alias in node.names
+                              if alias.name.startswith("_") and not alias.name.endswith("_")]
     assert offenders == []
 
 

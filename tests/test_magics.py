@@ -502,6 +502,9 @@ def test_failed_rerun_restores_the_working_app(shell: InteractiveShell) -> None:
     assert "did not start" in out and "previous app" in out and "running again" in out, out
     assert working.is_running and working.port == port and get_health(working) == 200
     assert registry.running() == [working]
+    with capture_output() as logs:
+        shell.run_line_magic("taskapp", f"logs {working.name}")
+    assert "re-run failed:" in logs.stdout and "HTTP 503" in logs.stdout, logs.stdout
     # the next good re-run replaces the restored app as usual, same key
     again = run_cell(shell, code, cell_id="restore")[0].result
     assert again.is_running and again.api_key == working.api_key and again.port == port

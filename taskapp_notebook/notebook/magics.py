@@ -283,7 +283,7 @@ class TaskAppMagics(Magics):
             self._start(app, secrets=(kwargs.get("api_key"),
                                       kwargs.get("preconfigured_auth_token")))
         except UsageError as exc:
-            raise UsageError(f"{exc} {self._restore(working, name)}") from None
+            raise UsageError(f"{exc} {self._restore(working, app)}") from None
         _close_view(self.views.pop(key, None))
         self.by_key[key] = app
         if opts.var:
@@ -296,13 +296,16 @@ class TaskAppMagics(Magics):
                 return None
         return app
 
-    def _restore(self, working: list[InProcessTaskApp], name: str) -> str:
+    def _restore(self, working: list[InProcessTaskApp], failed: InProcessTaskApp) -> str:
         """After a failed re-run: start the apps it replaced again (same port and key) and
-        say so — or say plainly that they are gone."""
+        say so — or say plainly that they are gone. The failure's details go into their
+        log, where ``%taskapp logs NAME`` (now naming the restored app) shows them."""
         if not working:
             return ""
         notes = []
         for old in working:
+            for line in list(failed.events)[-6:]:
+                old.record_event(f"re-run failed: {line.split(' ', 1)[-1]}")
             try:
                 old.restart()
             except (TaskAppError, OSError) as exc:
