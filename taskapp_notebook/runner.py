@@ -32,6 +32,7 @@ from .errors import (
     ServerStartError,
     StartError,
     TunnelVerificationError,
+    describe_error,
     mask_secret,
 )
 from .health import HealthResult, auth_headers, wait_healthy
@@ -472,7 +473,9 @@ class InProcessTaskApp:
             registry.unregister(self)
             self._start_task = None
             stopped = self._stop_requested and isinstance(exc, asyncio.CancelledError)
-            why = "stopped while starting" if stopped else _describe(exc)
+            why = "stopped while starting" if stopped else describe_error(exc)
+            for detail in [] if stopped else str(exc).strip().splitlines()[1:]:
+                self.record_event(detail)  # e.g. a tunnel's last log lines
             self._set_state(AppState.FAILED, error=why)
             self._stopped.set()
             logger.info("Task app %r failed to start: %s", self.name, why)
@@ -538,7 +541,7 @@ class InProcessTaskApp:
         try:
             future.result(_STOP_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - includes the timeout
-            logger.warning("Error while stopping %r: %s", self, _describe(exc))
+            logger.warning("Error while stopping %r: %s", self, describe_error(exc))
             if server is not None:
                 server.request_exit()  # at least free the port before the thread closes
         except BaseException:
@@ -698,11 +701,6 @@ class InProcessTaskApp:
 
 def _default_name(kind: str, path: Path | None) -> str:
     return path.stem if path is not None else f"{kind}-{secrets.token_hex(2)}"
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _call_back(callback: Callback, app: InProcessTaskApp, label: str) -> None:

@@ -321,9 +321,7 @@ class TaskAppMagics(Magics):
         try:
             app.restart() if restart else app.start()
         except (TaskAppError, OSError) as exc:
-            text = scrub_secrets(str(exc), (app.api_key, *secrets))
-            for extra in text.splitlines()[1:]:
-                app.record_event(extra)
+            text = scrub_secrets(str(exc), (*app.secrets(), *secrets))
             first = text.splitlines()[0] if text.strip() else type(exc).__name__
             more = f" (details: %taskapp logs {app.name})" if "\n" in text.strip() else ""
             raise UsageError(f"Task app {app.name!r} did not start: {first}{more}") from None

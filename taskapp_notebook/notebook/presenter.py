@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import mask_secret, scrub_secrets
+from ..errors import describe_error, mask_secret, scrub_secrets
 from ..monitor import HealthMonitor, monitor_for
 from ..runner import AppState
 from ..tunnels.base import TunnelState
@@ -127,10 +127,9 @@ def format_uptime(seconds: float | None) -> str:
 
 
 def error_text(app: InProcessTaskApp, exc: BaseException) -> str:
-    """An error as views show it: ``'Type: message'``, secrets masked."""
-    text = str(exc).strip()
-    return scrub_secrets(f"{type(exc).__name__}: {text}" if text else type(exc).__name__,
-                         app.secrets())
+    """An error as views show it: ``'Type: first line'`` (the rest is in the app's log),
+    secrets masked."""
+    return scrub_secrets(describe_error(exc), app.secrets())
 
 
 def log_lines(app: InProcessTaskApp, limit: int) -> list[str]:
