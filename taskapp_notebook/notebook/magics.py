@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from ..runner import InProcessTaskApp
     from .kernel import KernelHooks
+    from .widget import TaskAppView
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +104,8 @@ class TaskAppMagics(Magics):
         self.by_key: dict[str, InProcessTaskApp] = {}
         #: Name → the last app started under it (running, stopped or failed).
         self.known: dict[str, InProcessTaskApp] = {}
-        #: Launch key → the status view displayed for it (closed when the cell re-runs).
-        self.views: dict[str, Any] = {}
+        #: Launch key → the status view displayed for it (retired when the cell re-runs).
+        self.views: dict[str, TaskAppView] = {}
         #: Launch key → the key generated for its first run (every re-run keeps it).
         self.generated_keys: dict[str, str] = {}
         self._counter = itertools.count(1)
@@ -284,16 +285,20 @@ class TaskAppMagics(Magics):
                                       kwargs.get("preconfigured_auth_token")))
         except UsageError as exc:
             raise UsageError(f"{exc} {self._restore(working, app)}") from None
-        _close_view(self.views.pop(key, None))
+        replaced_view = self.views.pop(key, None)
+        if replaced_view is not None:
+            replaced_view.retire()
         self.by_key[key] = app
         if opts.var:
             self.ip.user_ns[opts.var] = app
         if self.widget and not opts.no_widget:
-            view = self.views[key] = _show_widget(app)
-            if view is not None:
-                # The widget already shows the app: bind ``_`` without an Out[] repr line.
-                self.ip.displayhook.update_user_ns(app)
-                return None
+            from .widget import TaskAppView  # ipywidgets loads with the first widget
+
+            view = self.views[key] = TaskAppView(app)
+            display(view)
+            # The widget already shows the app: bind ``_`` without an Out[] repr line.
+            self.ip.displayhook.update_user_ns(app)
+            return None
         return app
 
     def _restore(self, working: list[InProcessTaskApp], failed: InProcessTaskApp) -> str:
@@ -391,31 +396,6 @@ class TaskAppMagics(Magics):
                              "%taskapp start PATH.py.")
         raise UsageError(f"{len(apps)} task apps are running ({names}); "
                          f"name one: %taskapp {command} NAME.")
-
-
-def _show_widget(app: InProcessTaskApp) -> Any | None:
-    """Display the status widget of ``app``; return the view (None if unavailable)."""
-    try:
-        from .widget import TaskAppView
-    except ImportError:  # pragma: no cover - the widget ships with the package
-        logger.debug("Widget module not available; the returned instance is shown instead")
-        return None
-    view = TaskAppView(app)
-    display(view)
-    return view
-
-
-def _close_view(view: Any | None) -> None:
-    """Close a replaced app's view and its health monitor (the app is stopped)."""
-    if view is None:
-        return
-    monitor = getattr(view, "monitor", None)
-    try:
-        view.close()
-        if monitor is not None:
-            monitor.close()
-    except Exception:  # noqa: BLE001 - cosmetic; never block the new start
-        logger.debug("Closing the previous view failed", exc_info=True)
 
 
 def _stop_quietly(app: InProcessTaskApp) -> None:

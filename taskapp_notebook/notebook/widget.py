@@ -192,6 +192,16 @@ class TaskAppView(traitlets.HasTraits):
             box.close()
         self.widget.close()
 
+    def retire(self) -> None:
+        """Close this view and its health monitor: its app was replaced (a re-run)."""
+        monitor = self.monitor
+        try:
+            self.close()
+            if monitor is not None:
+                monitor.close()
+        except Exception:  # noqa: BLE001 - cosmetic; never block the new start
+            logger.debug("Closing the replaced view failed", exc_info=True)
+
     # ------------------------------------------------------------------ observers
 
     def _on_app_change(self, app: InProcessTaskApp) -> None:
