@@ -97,7 +97,7 @@ def present(app: InProcessTaskApp, *, action: str = "") -> AppFacts:
               f"{app.serve_on or app.serve_on_requested})",
         health=_health(app, monitor),
         uptime=format_uptime(app.uptime),
-        requests=f"{_count(app.stats.count, 'request')} · {_count(app.stats.errors, 'error')}",
+        requests=f"{plural(app.stats.count, 'request')} · {plural(app.stats.errors, 'error')}",
         api_key=mask_secret(app.api_key),
         worker_token=mask_secret(app.task_app_worker_token) if app.task_app_worker_token
         else None,
@@ -188,5 +188,6 @@ def _health(app: InProcessTaskApp, monitor: HealthMonitor | None) -> str:
     return f"{health.describe()} · {health.seconds * 1000:.1f} ms · {format_uptime(ago)} ago"
 
 
-def _count(n: int, noun: str) -> str:
+def plural(n: int, noun: str) -> str:
+    """``'1 request'``, ``'3 requests'``."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

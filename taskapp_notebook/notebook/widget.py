@@ -25,7 +25,7 @@ import traitlets
 
 from ..monitor import HealthMonitor, monitor_for
 from ..runner import AppState
-from .presenter import AppFacts, error_text, log_lines, present
+from .presenter import AppFacts, error_text, format_uptime, log_lines, plural, present
 
 if TYPE_CHECKING:
     from ..runner import InProcessTaskApp
@@ -49,6 +49,9 @@ _ERROR = "var(--jp-error-color1, #c62828)"
 _BORDER = "var(--jp-border-color2, #ccc)"
 _THEME_VARIABLE = re.compile(r"var\(--[\w-]+, ([^)]+)\)")
 _TRANSITIONS = (AppState.STARTING, AppState.STOPPING)
+#: The old names of the presenter's formatters, for views built on this one's look.
+_duration = format_uptime
+_count = plural
 #: Once the kernel is gone the view can't be told anything; ipywidgets then marks its views
 #: with ``jupyter-widgets-disconnected``. This rule makes the badge say so instead of showing
 #: the last state it was sent (e.g. "running" after a kernel restart).
