@@ -1,13 +1,15 @@
-"""Lifecycle benchmark: start→healthy, stop→port-free, and import time.
+"""Lifecycle benchmark: start→healthy, stop→port-free, first start and import time.
 
 Compares InProcessTaskApp (serve_on loop and thread, tunnel_mode="local") with a baseline
 measured in the same run: the approach of the synth-ai SDK — ``uvicorn.Server.run()`` in a
-thread, ``/health`` polled every 200 ms, stop by ``should_exit`` + ``join``.
+thread, ``/health`` polled every 200 ms, stop by ``should_exit`` + ``join``. An app given as
+a ``TaskAppConfig`` is compared with the plain FastAPI app (same run, same mode), and the
+first start in a fresh interpreter (imports included) is measured in child processes.
 
-    python bench/lifecycle.py [--cycles 20] [--write-readme]
+    python bench/lifecycle.py [--cycles 20] [--write-docs]
 
-Prints a Markdown table; ``--write-readme`` replaces the table between the markers in
-README.md. Figures are medians; the machine is shared and noisy, so compare ratios.
+Prints Markdown tables; ``--write-docs`` replaces the table between the markers in
+docs/performance.md. Figures are medians; the machine is shared and noisy, so compare ratios.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from _common import write_readme_table
+from _common import write_table
 
 from taskapp_notebook.ports import is_port_free, pick_free_port
 
@@ -62,7 +64,20 @@ def bench_thread(app: Any, cycles: int) -> tuple[list[float], list[float]]:
     return starts, stops
 
 
-def bench_loop(app: Any, cycles: int) -> tuple[list[float], list[float]]:
+def make_config() -> Any:
+    from taskapp_notebook import TaskAppConfig
+
+    def rollout(request: Any) -> dict[str, Any]:
+        return {"reward_info": {"outcome_reward": 1.0}}
+
+    return TaskAppConfig(app_id="bench", name="Bench", description="", rollout=rollout)
+
+
+def bench_config(config: Any, cycles: int) -> tuple[list[float], list[float]]:
+    return bench_loop(config, cycles, source="config")
+
+
+def bench_loop(app: Any, cycles: int, source: str = "app") -> tuple[list[float], list[float]]:
     from taskapp_notebook import InProcessTaskApp
 
     starts: list[float] = []
@@ -71,8 +86,8 @@ def bench_loop(app: Any, cycles: int) -> tuple[list[float], list[float]]:
 
     async def main() -> None:
         for _ in range(cycles):
-            ta = InProcessTaskApp(app=app, tunnel_mode="local", port=port, serve_on="loop",
-                                  api_key="bench")
+            ta = InProcessTaskApp(**{source: app}, tunnel_mode="local", port=port,
+                                  serve_on="loop", api_key="bench")
             t0 = time.perf_counter()
             await ta.astart()
             starts.append(time.perf_counter() - t0)
@@ -127,6 +142,43 @@ def bench_import(module: str, runs: int) -> list[float]:
     return out
 
 
+FIRST_START = """
+import time
+t = time.perf_counter()
+from taskapp_notebook import InProcessTaskApp, TaskAppConfig
+{define}
+task_app = InProcessTaskApp({source}=source, tunnel_mode="local", port={port},
+                            serve_on="thread", api_key="bench")
+task_app.start()
+print(time.perf_counter() - t)
+task_app.stop()
+"""
+DEFINE_APP = """
+from fastapi import FastAPI
+source = FastAPI()
+@source.get("/health")
+async def health():
+    return {"healthy": True}
+"""
+DEFINE_CONFIG = """
+source = TaskAppConfig(app_id="bench", name="Bench", description="",
+                       rollout=lambda request: {"reward_info": {"outcome_reward": 1.0}})
+"""
+
+
+def bench_first_start(source: str, runs: int) -> list[float]:
+    """Import + first start → healthy in a fresh interpreter (what a script's first
+    ``start()`` or a kernel's first ``%%taskapp`` costs)."""
+    define = DEFINE_APP if source == "app" else DEFINE_CONFIG
+    out = []
+    for _ in range(runs):
+        code = FIRST_START.format(define=define, source=source, port=pick_free_port())
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                check=True)
+        out.append(float(result.stdout.strip().splitlines()[-1]))
+    return out
+
+
 def ms(values: list[float]) -> str:
     return f"{statistics.median(values) * 1000:.1f} ms"
 
@@ -135,9 +187,15 @@ def ratio(values: list[float], baseline: list[float]) -> str:
     return f"{statistics.median(baseline) / statistics.median(values):.0f}× faster"
 
 
+def times(values: list[float], baseline: list[float]) -> str:
+    return f"{statistics.median(values) / statistics.median(baseline):.2f}×"
+
+
 def table(cycles: int) -> str:
     app = make_app()
+    config = make_config()
     bench_thread(app, 2)  # warm imports and code paths
+    bench_config(config, 2)
     results: dict[str, tuple[list[float], list[float]]] = {}
     runs: list[tuple[str, Callable[[Any, int], tuple[list[float], list[float]]]]] = [
         ("baseline: uvicorn.run in a thread + 200 ms poll (SDK's way)", bench_baseline),
@@ -146,10 +204,14 @@ def table(cycles: int) -> str:
     ]
     for label, fn in runs:
         results[label] = fn(app, cycles)
+    config_label = "InProcessTaskApp(config=TaskAppConfig(...)) serve_on=\"loop\""
+    results[config_label] = bench_config(config, cycles)
     base_start, base_stop = results[runs[0][0]]
+    plain_start, plain_stop = results[runs[2][0]]
     lines = [
         f"Medians of {cycles} cycles, `tunnel_mode=\"local\"`, on the 2-core development "
-        "machine (shared and noisy: read the ratios).",
+        "machine (shared and noisy: read the ratios). Every cycle is a new instance with the "
+        "same app (or the same `TaskAppConfig`), after two warm-up cycles.",
         "",
         "| what | start → healthy | stop → port free |",
         "|---|---|---|",
@@ -162,15 +224,28 @@ def table(cycles: int) -> str:
                 f"| {label} | {ms(starts)} ({ratio(starts, base_start)}) "
                 f"| {ms(stops)} ({ratio(stops, base_stop)}) |"
             )
+    config_start, config_stop = results[config_label]
+    lines += [
+        "",
+        f"A `TaskAppConfig` app against the plain FastAPI app (both `serve_on=\"loop\"`): start "
+        f"{times(config_start, plain_start)}, stop {times(config_stop, plain_stop)} "
+        "(the app built for a config is reused by the next start with that unchanged config).",
+    ]
     imports = max(10, cycles // 2)
     ours = bench_import("taskapp_notebook", imports)
     heavy = bench_import("fastapi, uvicorn", imports)
+    first_app = bench_first_start("app", imports)
+    first_config = bench_first_start("config", imports)
     lines += [
         "",
-        f"| import (median of {imports} fresh interpreters) | time |",
+        f"| first start (median of {imports} fresh interpreters) | time |",
         "|---|---|",
         f"| `import taskapp_notebook` | {ms(ours)} |",
         f"| `import fastapi, uvicorn` (what a non-lazy package would pay) | {ms(heavy)} |",
+        f"| import + first `start()` of a FastAPI app → healthy (imports fastapi, uvicorn, "
+        f"httpx) | {ms(first_app)} |",
+        f"| import + first `start()` of a `TaskAppConfig` app → healthy (also builds it) "
+        f"| {ms(first_config)} |",
     ]
     return "\n".join(lines)
 
@@ -178,12 +253,13 @@ def table(cycles: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--cycles", type=int, default=20)
-    parser.add_argument("--write-readme", action="store_true")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="replace the table in docs/performance.md")
     args = parser.parse_args()
     text = table(args.cycles)
     print(text)
-    if args.write_readme:
-        write_readme_table("lifecycle", text)
+    if args.write_docs:
+        write_table("lifecycle", text)
 
 
 if __name__ == "__main__":

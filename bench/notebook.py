@@ -7,7 +7,7 @@
   same cell body without the magic (the app's own definition), so the difference is what
   the magic adds — stop the previous app, start the new one, wait for ``/health``.
 
-    python bench/notebook.py [--runs 20] [--write-readme]
+    python bench/notebook.py [--runs 20] [--write-docs]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import statistics
 import time
 from typing import Any
 
-from _common import write_readme_table
+from _common import write_table
 
 APP_BODY = """from fastapi import FastAPI
 app = FastAPI()
@@ -126,12 +126,12 @@ def table(runs: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Notebook extension benchmark")
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--write-readme", action="store_true")
+    parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
     text = table(args.runs)
     print(text)
-    if args.write_readme:
-        write_readme_table("notebook", text)
+    if args.write_docs:
+        write_table("notebook", text)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ compiled agent exposes the same app's port from ``.venv-sdk`` (``scripts/sdk-ven
 agent, and the SDK's agent on a relay connection without the immediate-ACK fix (the SDK's
 agent keeps Nagle on; see ``taskapp_notebook/relay/endpoint.py``).
 
-    python bench/sdk_agent.py [--requests 300] [--write-readme]
+    python bench/sdk_agent.py [--requests 300] [--write-docs]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _common import echo_app, write_readme_table
+from _common import echo_app, write_table
 
 from taskapp_notebook import InProcessTaskApp
 from taskapp_notebook.relay import RelayServer
@@ -133,13 +133,13 @@ def run(n: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description="SDK agent vs our agent through our relay")
     parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--write-readme", action="store_true")
+    parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
     text = run(args.requests)
     print(text)
     sys.stdout.flush()
-    if args.write_readme:
-        write_readme_table("sdk", text)
+    if args.write_docs:
+        write_table("sdk", text)
 
 
 if __name__ == "__main__":

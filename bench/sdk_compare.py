@@ -18,7 +18,7 @@ children get a fresh empty ``HOME`` and an environment without ``SYNTH_*``,
 children in an empty network namespace (``unshare -rn``, loopback only) to show that neither
 side touches the network; nothing of the SDK is patched or stubbed.
 
-    python bench/sdk_compare.py [--cycles 20] [--imports 10] [--netns] [--write-readme]
+    python bench/sdk_compare.py [--cycles 20] [--imports 10] [--netns] [--write-docs]
 
 Skips (exit 0) when ``.venv-sdk`` is missing. Figures are medians; the machine is shared and
 noisy, so compare ratios.
@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import write_readme_table
+from _common import write_table
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = ROOT / "bench" / "_lifecycle_driver.py"
@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--imports", type=int, default=10)
     parser.add_argument("--netns", action="store_true",
                         help="run both children in an empty network namespace (unshare -rn)")
-    parser.add_argument("--write-readme", action="store_true")
+    parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
     if args.cycles < 1 or args.imports < 1:
         parser.error("--cycles and --imports must be >= 1")
@@ -175,8 +175,8 @@ def main() -> None:
         return
     text = table(args.cycles, args.imports, args.netns)
     print(text)
-    if args.write_readme:
-        write_readme_table("sdk-runner", text)
+    if args.write_docs:
+        write_table("sdk-runner", text)
 
 
 if __name__ == "__main__":

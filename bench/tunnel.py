@@ -4,7 +4,7 @@ Everything runs on loopback: ``taskapp-relay`` in a thread, the task app with ou
 (``tunnel_mode="synthtunnel"``) on another. The baseline, measured in the same run, is the
 same request sent straight to the app's local port.
 
-    python bench/tunnel.py [--requests 200] [--write-readme]
+    python bench/tunnel.py [--requests 200] [--write-docs]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import statistics
 import time
 from typing import Any
 
-from _common import echo_app, write_readme_table
+from _common import echo_app, write_table
 
 MIB = 1024 * 1024
 
@@ -99,12 +99,12 @@ async def run(requests: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description="SynthTunnel latency/throughput benchmark")
     parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--write-readme", action="store_true")
+    parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
     text = asyncio.run(run(args.requests))
     print(text)
-    if args.write_readme:
-        write_readme_table("tunnel", text)
+    if args.write_docs:
+        write_table("tunnel", text)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ __all__ = [
     "TaskAppNotFoundError",
     "TunnelError",
     "TunnelVerificationError",
+    "astop_all",
     "create_task_app",
     "load_ipython_extension",
     "run_in_process_job",
@@ -57,6 +58,7 @@ _LAZY = {
     "TaskAppConfig": "taskapp_notebook.models",
     "create_task_app": "taskapp_notebook.contract",
     "run_in_process_job": "taskapp_notebook.jobs",
+    "astop_all": "taskapp_notebook.registry",
     "stop_all": "taskapp_notebook.registry",
 }
 

@@ -59,7 +59,7 @@ def _is_async_callable(fn: Any) -> bool:
     )
 
 
-def _positional_arity(fn: Any) -> int:
+def positional_arity(fn: Any) -> int:
     """How many positional arguments ``fn`` takes (large when it takes ``*args``)."""
     try:
         params = inspect.signature(fn).parameters.values()
@@ -78,7 +78,7 @@ def _call_sync(fn: Callable[..., Any], args: tuple[Any, ...], drain: bool) -> An
     return result
 
 
-async def _invoke(fn: Callable[..., Any], *args: Any, drain: bool = False) -> Any:
+async def invoke(fn: Callable[..., Any], *args: Any, drain: bool = False) -> Any:
     """Call ``fn``: async ones on the loop, sync ones in the thread pool; await the result.
 
     With ``drain``, generators (sync or async) are collected into a list.
@@ -94,7 +94,7 @@ async def _invoke(fn: Callable[..., Any], *args: Any, drain: bool = False) -> An
     return result
 
 
-def _http_error(
+def http_error(
     status: int, code: str, message: str, headers: Mapping[str, str] | None = None, **extra: Any
 ) -> HTTPException:
     error: dict[str, Any] = {"code": code, "message": message, **extra}
@@ -148,7 +148,7 @@ def _auth_dependency(
                 request.url.path,
                 cfg.app_id,
             )
-            raise _http_error(
+            raise http_error(
                 503,
                 "missing_environment_api_key",
                 f"Task app {cfg.app_id!r} requires an API key but none is configured. Set "
@@ -166,7 +166,7 @@ def _auth_dependency(
                 ", ".join(seen) or "none",
                 source,
             )
-            raise _http_error(
+            raise http_error(
                 401,
                 "unauthorised",
                 "API key missing or invalid. Send it as 'X-API-Key: <key>', "
@@ -189,7 +189,7 @@ def _parse_seeds(values: Iterable[str]) -> list[int]:
             try:
                 seeds.append(int(part))
             except ValueError:
-                raise _http_error(
+                raise http_error(
                     422, "invalid_seed", f"Seeds must be integers; got {part!r}."
                 ) from None
     return seeds
@@ -225,7 +225,7 @@ def _rollout_body(result: Any, request: RolloutRequest, app_id: str) -> dict[str
             )
             body = dict(jsonable_encoder(dict(result)))
     else:
-        raise _http_error(
+        raise http_error(
             500,
             "invalid_rollout_result",
             f"rollout() of task app {app_id!r} returned {type(result).__name__}; "
@@ -241,7 +241,7 @@ async def _run_hooks(hooks: Sequence[Hook], app: FastAPI, *, keep_going: bool) -
     """Run ``hook()`` / ``hook(app)`` in order; with ``keep_going`` log failures and go on."""
     for hook in hooks:
         try:
-            result = hook(app) if _positional_arity(hook) >= 1 else hook()
+            result = hook(app) if positional_arity(hook) >= 1 else hook()
             if inspect.isawaitable(result):
                 await result
         except Exception:
@@ -324,16 +324,16 @@ def create_task_app(config: TaskAppConfig, *, api_keys: Sequence[str] | None = N
             if describe is None:
                 description = base_info.task.model_dump(mode="json", exclude_none=True)
             else:
-                description = await _invoke(describe)
+                description = await invoke(describe)
             return {"taskset": jsonable_encoder(description)}
         if cfg.provide_task_instances is None:
-            raise _http_error(
+            raise http_error(
                 501,
                 "task_instances_not_provided",
                 f"Task app {app_id!r} cannot describe seeds: "
                 "TaskAppConfig.provide_task_instances is not set.",
             )
-        instances = await _invoke(cfg.provide_task_instances, wanted, drain=True)
+        instances = await invoke(cfg.provide_task_instances, wanted, drain=True)
         items = [_as_task_info(obj) for obj in instances]
         return items[0] if len(wanted) == 1 and len(items) == 1 else items
 
@@ -341,21 +341,21 @@ def create_task_app(config: TaskAppConfig, *, api_keys: Sequence[str] | None = N
     async def rollout(rollout_request: RolloutRequest, request: Request) -> dict[str, Any]:
         executor = cfg.rollout
         if executor is None:
-            raise _http_error(
+            raise http_error(
                 501,
                 "rollout_not_implemented",
                 f"Task app {app_id!r} has no rollout callback; set TaskAppConfig(rollout=...).",
             )
-        args = (rollout_request, request)[: min(2, max(1, _positional_arity(executor)))]
+        args = (rollout_request, request)[: min(2, max(1, positional_arity(executor)))]
         try:
-            result = await _invoke(executor, *args)
+            result = await invoke(executor, *args)
         except HTTPException:
             raise
         except Exception as exc:
             logger.exception(
                 "rollout %r of task app %r failed", rollout_request.trace_correlation_id, app_id
             )
-            raise _http_error(
+            raise http_error(
                 500, "rollout_failed", f"rollout() raised {type(exc).__name__}: {exc}"
             ) from exc
         return _rollout_body(result, rollout_request, app_id)

@@ -76,6 +76,13 @@ class TunnelVerificationError(TunnelError):
     """The tunnel opened but ``GET {url}/health`` through it did not answer 200."""
 
 
+def describe_error(exc: BaseException) -> str:
+    """An error in one line: ``'PortInUseError: Port 8114 on ...'`` (its first line)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def mask_secret(value: str | None, *, keep: int = 4) -> str:
     """Return ``value`` with all but its last ``keep`` characters hidden (``'…abcd'``)."""
     if not value:

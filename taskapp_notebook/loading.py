@@ -25,6 +25,7 @@ siblings imported that way are re-imported on the next load from that directory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -35,7 +36,8 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -53,6 +55,7 @@ __all__ = [
     "LoadedTaskApp",
     "load_task_app",
     "load_task_app_module",
+    "release_asgi_app",
     "validate_task_app_path",
 ]
 
@@ -161,7 +164,7 @@ def _why_no_signal_handlers() -> str | None:
     if threading.current_thread() is not threading.main_thread():
         return "handlers can only be installed on the main thread and the file is loaded on "\
             "the task app's server thread"
-    from .registry import in_ipython_kernel
+    from .loops import in_ipython_kernel
 
     if in_ipython_kernel():
         return "in a Jupyter kernel SIGINT is the user's interrupt, and the runner already "\
@@ -368,8 +371,11 @@ def build_asgi_app(
 
     A TaskAppConfig (direct, from the factory, or from the file) goes through
     ``create_task_app``; an app built that way is told ``api_key`` (``app.state``), so it
-    never has to be written into ``os.environ``. A synth-ai config is built by synth-ai;
-    an app synth-ai built reads its key from ``ENVIRONMENT_API_KEY``, so it is wrapped in
+    never has to be written into ``os.environ``. The app built for a config is reused by
+    the next start with that same, unchanged config once nobody serves it (see
+    :func:`release_asgi_app`): a restart costs what a plain FastAPI app's does. A synth-ai
+    config is built by synth-ai; an app synth-ai built reads its key from
+    ``ENVIRONMENT_API_KEY``, so it is wrapped in
     :class:`~taskapp_notebook.sdk_compat.EnvKeyedApp`, which exports the key while it runs.
     """
     if app is None:
@@ -386,7 +392,6 @@ def build_asgi_app(
             loaded = load_task_app(task_app_path)
             app, config = (loaded, None) if callable(loaded) else (None, loaded)
         if config is not None:
-            from .contract import create_task_app
             from .models import TaskAppConfig as ConfigType
 
             if sdk_compat.is_sdk_config(config):
@@ -397,7 +402,7 @@ def build_asgi_app(
                     "taskapp_notebook.TaskAppConfig(...)."
                 )
             else:
-                app = create_task_app(config)
+                app = _app_for_config(config)
     if not callable(app):
         raise TaskAppLoadError(f"{app!r} is not an ASGI app (it is not callable).")
     state = getattr(app, "state", None)
@@ -411,3 +416,62 @@ def build_asgi_app(
     generation = sdk_compat.sdk_generation(app)
     wrapped = sdk_compat.EnvKeyedApp(app, api_key, name, translate=generation != "0.9")
     return BuiltApp(wrapped, api_key, api_key_source, sdk=generation)
+
+
+@dataclass
+class _Built:
+    """The app built for one TaskAppConfig, and the config's fields it was built from."""
+
+    config: weakref.ReferenceType[Any]
+    fields: tuple[Any, ...]
+    app: Callable[..., Any]
+    in_use: bool = True
+
+
+#: id(config) → the app last built for it.
+_built: dict[int, _Built] = {}
+
+
+def _fields_of(config: TaskAppConfig) -> tuple[Any, ...]:
+    """A copy of the config's fields, to tell whether it changed since an app was built."""
+    return tuple(
+        dict(value) if isinstance(value, Mapping) else
+        tuple(value) if isinstance(value, list | tuple) else value
+        for value in (getattr(config, f.name) for f in dataclasses.fields(config))
+    )
+
+
+def _app_for_config(config: TaskAppConfig) -> Callable[..., Any]:
+    """``create_task_app(config)``, or the app built for this very config before when the
+    config is unchanged and no running server uses that app (each holds its own key)."""
+    from .contract import create_task_app
+
+    fields = _fields_of(config)
+    with _lock:
+        built = _built.get(id(config))
+        if built is not None and built.config() is config and not built.in_use:
+            try:
+                same = bool(built.fields == fields)
+            except Exception:  # noqa: BLE001 - a field whose == fails: build again
+                same = False
+            if same:
+                built.in_use = True
+                return built.app
+    app = create_task_app(config)
+    key = id(config)
+    with _lock:
+        _built[key] = _Built(weakref.ref(config, lambda _: _forget(key)), fields, app)
+    return app
+
+
+def _forget(key: int) -> None:
+    with _lock:
+        _built.pop(key, None)
+
+
+def release_asgi_app(app: object) -> None:
+    """The server that used ``app`` has stopped: a later start may reuse it."""
+    with _lock:
+        for built in _built.values():
+            if built.app is app:
+                built.in_use = False

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import InvalidParameterError, mask_secret
+from .errors import InvalidParameterError
 from .health import HealthResult, auth_headers, check_once
 from .runner import AppState
 from .tunnels.base import TunnelState
@@ -64,19 +64,6 @@ def monitor_for(app: InProcessTaskApp) -> HealthMonitor | None:
     return monitor if monitor is not None and not monitor.closed else None
 
 
-def redact(app: InProcessTaskApp, text: str) -> str:
-    """``text`` with the app's secrets (API key, worker token, auth token) masked."""
-    secrets = (
-        app.api_key,
-        app.task_app_worker_token,
-        getattr(app, "_preconfigured_auth_token", None),
-    )
-    for secret in secrets:
-        if secret and len(secret) >= 6 and secret in text:
-            text = text.replace(secret, mask_secret(secret))
-    return text
-
-
 @dataclass
 class _Run:
     """The workers of one app run (one loop)."""
@@ -88,7 +75,8 @@ class _Run:
 
 
 class HealthMonitor:
-    """Watches one app. Create with :meth:`attach`; read ``status`` / ``describe()``."""
+    """Watches one app. Create with :meth:`attach`; read ``status``, ``lag_seconds``,
+    ``last`` and ``failures`` (``notebook/presenter.py`` turns them into words)."""
 
     def __init__(self, app: InProcessTaskApp, interval: float = _DEFAULT_INTERVAL) -> None:
         self._app_ref = weakref.ref(app)
@@ -128,7 +116,7 @@ class HealthMonitor:
                 _monitors[app] = monitor
             elif interval is not None:
                 monitor.interval = _validate_interval(interval)
-        monitor._sync()
+        monitor.sync()
         return monitor
 
     @property
@@ -176,37 +164,6 @@ class HealthMonitor:
             return "unhealthy"
         return "running"
 
-    def describe(self) -> str:
-        """One line for people, e.g. ``"kernel busy (4.1 s) — use --serve-on thread ..."``."""
-        app = self._app_ref()
-        status = self.status
-        if app is None:
-            return status
-        if status == "kernel busy":
-            lag = self.lag_seconds
-            if app.serve_on == "thread":
-                return (f"kernel busy ({lag:.1f} s) — a request handler is blocking the "
-                        "server's thread")
-            return f"kernel busy ({lag:.1f} s) — use --serve-on thread for blocking work"
-        status_obj = app.tunnel.status if app.tunnel is not None else None
-        if status == "reconnecting" and status_obj is not None:
-            text = f"reconnecting — tunnel {status_obj.state}"
-            if status_obj.last_error:
-                text += f": {status_obj.last_error}"
-        elif status == "unhealthy":
-            if status_obj is not None and status_obj.state is TunnelState.DOWN:
-                text = f"unhealthy — tunnel down: {status_obj.last_error or 'no detail'}"
-            else:
-                last = self.last.describe() if self.last else "no answer"
-                text = f"unhealthy — GET /health: {last} ({self.failures} failed in a row)"
-        elif status == "failed":
-            text = f"failed — {app.error}" if app.error else "failed"
-        elif status == "running" and self.last is not None and self.last.ok:
-            text = f"running — health {self.last.describe()} in {self.last.seconds * 1000:.1f} ms"
-        else:
-            text = status
-        return redact(app, text)
-
     def add_listener(self, callback: Listener) -> None:
         """Call ``callback(self)`` on every tick and status change (from any thread)."""
         self._listeners.append(callback)
@@ -238,10 +195,10 @@ class HealthMonitor:
     # ------------------------------------------------------------------ workers
 
     def _on_app_change(self, app: InProcessTaskApp) -> None:
-        self._sync()
+        self.sync()
 
-    def _sync(self) -> None:
-        """Start or stop the workers to match the app's state, then notify."""
+    def sync(self) -> None:
+        """Start or stop the workers to match the app's state, then notify listeners."""
         app = self._app_ref()
         with self._lock:
             if app is None or self.closed:

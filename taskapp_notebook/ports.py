@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 MIN_PORT = 1024
 MAX_PORT = 65535
+#: InProcessTaskApp's default port (the seed's): moving off it is not worth a warning.
+DEFAULT_PORT = 8114
 ALLOWED_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0")
 _BACKLOG = 2048
 
@@ -93,8 +95,13 @@ def is_addr_in_use(exc: OSError) -> bool:
     return exc.errno in (errno.EADDRINUSE, errno.EACCES)
 
 
-def bind_first_free(host: str, port: int) -> socket.socket:
-    """Bind ``port`` or the next free port upward (logged at WARNING when it moved)."""
+def bind_first_free(host: str, port: int, *, pinned: bool = True) -> socket.socket:
+    """Bind ``port`` or the next free port upward.
+
+    Moving is logged at WARNING when the caller chose ``port`` (``pinned``: its URL is not
+    the one they asked for) and at INFO when it was only the default: nothing the user chose
+    changed, and a notebook shows WARNING lines in red.
+    """
     for candidate in range(port, MAX_PORT + 1):
         try:
             sock = bind_listener(host, candidate)
@@ -104,7 +111,8 @@ def bind_first_free(host: str, port: int) -> socket.socket:
             logger.debug("Port %d on %s is busy", candidate, host)
             continue
         if candidate != port:
-            logger.warning(
+            logger.log(
+                logging.WARNING if pinned else logging.INFO,
                 "Port %d on %s is in use; using port %d instead (auto_find_port=True)",
                 port,
                 host,
@@ -191,7 +199,9 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
-async def acquire_port(host: str, port: int, *, auto_find_port: bool) -> socket.socket:
+async def acquire_port(
+    host: str, port: int, *, auto_find_port: bool, pinned: bool = True
+) -> socket.socket:
     """Bind ``port`` on ``host`` as the seed describes.
 
     ``auto_find_port=True``: the next free port upward. ``False``: a *listening* process of
@@ -199,7 +209,7 @@ async def acquire_port(host: str, port: int, *, auto_find_port: bool) -> socket.
     another user's); then PortInUseError if it is still busy, naming the holder.
     """
     if auto_find_port:
-        return bind_first_free(host, port)
+        return bind_first_free(host, port, pinned=pinned)
     try:
         return bind_listener(host, port)
     except OSError as exc:

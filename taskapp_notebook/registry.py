@@ -1,4 +1,8 @@
-"""Every running InProcessTaskApp, and the process-level hooks that stop them.
+"""Every running InProcessTaskApp, the one stop-all (sync and async), and the
+process-level hooks that stop them.
+
+The registry knows apps only through :class:`ManagedApp` (what it calls on them), so it does
+not import the runner: the runner registers itself here, never the other way round.
 
 Hooks are installed on the first start, never at import:
 
@@ -13,46 +17,61 @@ from __future__ import annotations
 import atexit
 import logging
 import signal
-import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import asyncio
     import concurrent.futures
 
-    from .runner import InProcessTaskApp
-
 logger = logging.getLogger(__name__)
 
+#: How long :func:`astop_all` waits by default before giving up on the apps still stopping.
+STOP_ALL_TIMEOUT = 30.0
+
+
+class ManagedApp(Protocol):
+    """What the registry needs from a running app (``InProcessTaskApp`` is one)."""
+
+    name: str
+    port: int
+
+    def stop(self) -> None: ...
+
+    async def astop(self) -> None: ...
+
+    def stop_from_signal(self) -> concurrent.futures.Future[None] | None: ...
+
+
 _lock = threading.RLock()
-_instances: list[InProcessTaskApp] = []
+_instances: list[Any] = []
 _previous_handlers: dict[int, Any] = {}
 _hooks_installed = False
 
 
-def register(app: InProcessTaskApp) -> None:
+def register(app: ManagedApp) -> None:
     with _lock:
         if app not in _instances:
             _instances.append(app)
     install_hooks()
 
 
-def unregister(app: InProcessTaskApp) -> None:
+def unregister(app: ManagedApp) -> None:
     with _lock:
         if app in _instances:
             _instances.remove(app)
 
 
-def running() -> list[InProcessTaskApp]:
-    """The apps started and not yet stopped, oldest first."""
+def running() -> list[Any]:
+    """The apps (``InProcessTaskApp``) started and not yet stopped, oldest first."""
     with _lock:
         return list(_instances)
 
 
-def find_by_port(port: int) -> InProcessTaskApp | None:
+def find_by_port(port: int) -> Any | None:
+    """The running app on ``port``, if any."""
     for app in running():
         if app.port == port:
             return app
@@ -60,7 +79,7 @@ def find_by_port(port: int) -> InProcessTaskApp | None:
 
 
 def stop_all() -> None:
-    """Stop every running app (synchronously, newest first). Never raises."""
+    """Stop every running app, from sync code (newest first). Never raises."""
     for app in reversed(running()):
         try:
             app.stop()
@@ -68,16 +87,22 @@ def stop_all() -> None:
             logger.warning("Error while stopping %r", app, exc_info=True)
 
 
-def in_ipython_kernel() -> bool:
-    """True inside a Jupyter (ipykernel) kernel."""
-    if "ipykernel" not in sys.modules:
-        return False
+async def astop_all(timeout: float = STOP_ALL_TIMEOUT) -> None:
+    """Stop every running app, from async code: concurrently, giving up after ``timeout``
+    seconds (the apps still stopping then finish on their own). Never raises."""
+    import asyncio
+
+    apps = running()
+    if not apps:
+        return
+    logger.info("Stopping %d task app(s)", len(apps))
+    results = asyncio.gather(*(app.astop() for app in apps), return_exceptions=True)
     try:
-        from IPython import get_ipython
-    except ImportError:  # pragma: no cover
-        return False
-    shell = get_ipython()
-    return shell is not None and getattr(shell, "kernel", None) is not None
+        for app, result in zip(apps, await asyncio.wait_for(results, timeout), strict=True):
+            if isinstance(result, BaseException):
+                logger.warning("Error while stopping %r: %s", app, result)
+    except TimeoutError:
+        logger.warning("Task apps did not stop within %.1f s; going on without them", timeout)
 
 
 def install_hooks() -> None:
@@ -91,6 +116,8 @@ def install_hooks() -> None:
     if threading.current_thread() is not threading.main_thread():
         logger.debug("Not in the main thread: signal handlers not installed")
         return
+    from .loops import in_ipython_kernel
+
     signals = [signal.SIGTERM]
     if not in_ipython_kernel():
         signals.append(signal.SIGINT)
@@ -114,7 +141,7 @@ def _handle_signal(signum: int, frame: FrameType | None) -> None:
     pending: list[concurrent.futures.Future[None]] = []
     for app in reversed(apps):
         try:
-            stopping = app._stop_from_signal()
+            stopping = app.stop_from_signal()
         except Exception:  # noqa: BLE001
             logger.warning("Error while stopping %r on a signal", app, exc_info=True)
         else:

@@ -32,11 +32,12 @@ from .errors import (
     ServerStartError,
     StartError,
     TunnelVerificationError,
+    describe_error,
     mask_secret,
 )
 from .health import HealthResult, auth_headers, wait_healthy
-from .loops import LoopThread, run_sync, running_loop
-from .ports import acquire_port, validate_host, validate_port
+from .loops import LoopThread, in_ipython_kernel, run_sync, running_loop
+from .ports import DEFAULT_PORT, acquire_port, validate_host, validate_port
 from .stats import ASGIApp, RequestStats
 from .tunnels.base import Tunnel, TunnelContext, create_tunnel
 
@@ -78,7 +79,7 @@ class InProcessTaskApp:
         config_factory: Callable[[], TaskAppConfig] | None = None,
         task_app_path: Path | str | None = None,
         container_path: Path | str | None = None,
-        port: int = 8114,
+        port: int = DEFAULT_PORT,
         host: str = "127.0.0.1",
         tunnel_mode: str = "synthtunnel",
         tunnel_backend: Any | None = None,
@@ -119,6 +120,9 @@ class InProcessTaskApp:
         self._config_factory = config_factory
         self.task_app_path = task_path
         self.requested_port = self.port
+        #: True when the caller chose the port (anything but the default 8114): moving off a
+        #: busy port is then a WARNING (the URL is not the one asked for), else only INFO.
+        self.port_pinned = self.port != DEFAULT_PORT
         self.tunnel_backend = tunnel_backend
         self.preconfigured_url = preconfigured_url
         self.preconfigured_auth_header = preconfigured_auth_header
@@ -146,7 +150,11 @@ class InProcessTaskApp:
         #: The same events with their ``time.time()``, for merging with request records.
         self.timed_events: deque[tuple[float, str]] = deque(maxlen=200)
         self.tunnel: Tunnel | None = None
+        #: Every worker token this instance has been given (masked in views and logs even
+        #: after the lease that carried it is gone).
+        self._worker_tokens: set[str] = set()
         self._server: ServerHandle | None = None
+        self._asgi_app: ASGIApp | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: LoopThread | None = None
         self._listeners: list[Callable[[InProcessTaskApp], None]] = []
@@ -270,6 +278,26 @@ class InProcessTaskApp:
         else:
             run_sync(loop, self._stop_here(), timeout=_STOP_TIMEOUT, finish_on_interrupt=True)
 
+    def restart(self) -> InProcessTaskApp:
+        """Stop (if running) and start again on the port it last had, with the same key."""
+        self.stop()
+        self._keep_port()
+        return self.start()
+
+    async def arestart(self) -> InProcessTaskApp:
+        """:meth:`restart` from async code."""
+        await self.astop()
+        self._keep_port()
+        return await self.astart()
+
+    def _keep_port(self) -> None:
+        if self.state in (AppState.STOPPED, AppState.FAILED):
+            self.requested_port = self.port
+            self.port_pinned = True  # the URL it had: moving off it is worth a warning
+        #: True when the caller chose the port (anything but the default 8114): moving off a
+        #: busy port is then a WARNING (the URL is not the one asked for), else only INFO.
+        self.port_pinned = self.port != DEFAULT_PORT
+
     # ------------------------------------------------------------------ observation
 
     @property
@@ -304,6 +332,12 @@ class InProcessTaskApp:
     def container_worker_token(self) -> str | None:
         """synth-ai 0.9's name for :attr:`task_app_worker_token`."""
         return self.task_app_worker_token
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret this app holds or held (API key, preconfigured auth token, worker
+        tokens), for :func:`~taskapp_notebook.errors.scrub_secrets`."""
+        held = (self.api_key, self._preconfigured_auth_token, *sorted(self._worker_tokens))
+        return tuple(secret for secret in held if secret)
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-able summary with secrets masked."""
@@ -372,9 +406,7 @@ class InProcessTaskApp:
                 )
             self.serve_on = "loop"
         else:
-            self.serve_on = "loop" if loop is not None and registry.in_ipython_kernel() else (
-                "thread"
-            )
+            self.serve_on = "loop" if loop is not None and in_ipython_kernel() else "thread"
         self.port = self.requested_port
         # Registered from the start, so stop_all / kernel shutdown / signals see an app even
         # while it is starting (or if an interrupt leaves its start running).
@@ -388,7 +420,7 @@ class InProcessTaskApp:
         stopped (here, in the caller's context, where both loops can make progress)."""
         if self.auto_find_port:
             return None
-        other = registry.find_by_port(self.requested_port)
+        other: InProcessTaskApp | None = registry.find_by_port(self.requested_port)
         if other is None or other is self:
             return None
         logger.warning("Port %d is held by %r in this process; stopping it (auto_find_port="
@@ -414,8 +446,10 @@ class InProcessTaskApp:
             )
             asgi_app: ASGIApp = built.app
             self.api_key, self.api_key_source = built.api_key, built.api_key_source
+            self._asgi_app = asgi_app
             sock = await acquire_port(self.host, self.requested_port,
-                                      auto_find_port=self.auto_find_port)
+                                      auto_find_port=self.auto_find_port,
+                                      pinned=self.port_pinned)
             self.port = sock.getsockname()[1]
             from .server import ServerHandle
             from .stats import InstrumentedApp
@@ -437,7 +471,7 @@ class InProcessTaskApp:
             )
             logger.debug("Health check passed in %.1f ms", self.health.seconds * 1000)
             self.url = await tunnel.open(self._tunnel_context())
-            self.task_app_worker_token = tunnel.worker_token
+            self._set_worker_token(tunnel.worker_token)
             if not self.skip_tunnel_verification and tunnel.mode != "local":
                 await self._verify_tunnel(tunnel)
             if self._stop_requested:  # a stop arrived as the start finished
@@ -449,7 +483,9 @@ class InProcessTaskApp:
             registry.unregister(self)
             self._start_task = None
             stopped = self._stop_requested and isinstance(exc, asyncio.CancelledError)
-            why = "stopped while starting" if stopped else _describe(exc)
+            why = "stopped while starting" if stopped else describe_error(exc)
+            for detail in [] if stopped else str(exc).strip().splitlines()[1:]:
+                self.record_event(detail)  # e.g. a tunnel's last log lines
             self._set_state(AppState.FAILED, error=why)
             self._stopped.set()
             logger.info("Task app %r failed to start: %s", self.name, why)
@@ -515,7 +551,7 @@ class InProcessTaskApp:
         try:
             future.result(_STOP_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - includes the timeout
-            logger.warning("Error while stopping %r: %s", self, _describe(exc))
+            logger.warning("Error while stopping %r: %s", self, describe_error(exc))
             if server is not None:
                 server.request_exit()  # at least free the port before the thread closes
         except BaseException:
@@ -549,16 +585,23 @@ class InProcessTaskApp:
                 logger.warning("Error while closing the %s tunnel", tunnel.mode, exc_info=True)
             except BaseException as exc:  # noqa: BLE001 - finish the teardown first
                 interrupted = exc
+        stopped = server is None
         if server is not None:
             for _ in range(2):  # once more if an interrupt cut the first attempt short
                 try:
                     await server.stop()
+                    stopped = True
                     break
                 except Exception:  # noqa: BLE001
                     logger.warning("Error while stopping the server", exc_info=True)
                     break
                 except BaseException as exc:  # noqa: BLE001
                     interrupted = interrupted or exc
+        app, self._asgi_app = self._asgi_app, None
+        if app is not None and stopped:
+            from .loading import release_asgi_app
+
+            release_asgi_app(app)  # the next start with the same config may reuse it
         if interrupted is not None:
             raise interrupted
 
@@ -586,8 +629,8 @@ class InProcessTaskApp:
                 helper.join(_STOP_TIMEOUT)
         self._after_stop()
 
-    def _stop_from_signal(self) -> concurrent.futures.Future[None] | None:
-        """Called from a signal handler on the main thread.
+    def stop_from_signal(self) -> concurrent.futures.Future[None] | None:
+        """Stop from a signal handler on the main thread (the registry's SIGTERM / SIGINT).
 
         Returns the rest of the stop when it was scheduled on the running loop (loop mode),
         None when the app is already stopped or stopping.
@@ -638,11 +681,16 @@ class InProcessTaskApp:
             if tunnel.url and tunnel.url != self.url:
                 logger.info("Tunnel URL of %r changed to %s", self.name, tunnel.url)
                 self.url = tunnel.url
-            self.task_app_worker_token = tunnel.worker_token
+            self._set_worker_token(tunnel.worker_token)
         for listener in list(self._listeners):
             with contextlib.suppress(Exception):
                 listener(self)
 
+
+    def _set_worker_token(self, token: str | None) -> None:
+        self.task_app_worker_token = token
+        if token:
+            self._worker_tokens.add(token)
 
     async def _verify_tunnel(self, tunnel: Tunnel) -> None:
         assert self.url is not None
@@ -667,11 +715,6 @@ InProcessContainer = InProcessTaskApp
 
 def _default_name(kind: str, path: Path | None) -> str:
     return path.stem if path is not None else f"{kind}-{secrets.token_hex(2)}"
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _call_back(callback: Callback, app: InProcessTaskApp, label: str) -> None:

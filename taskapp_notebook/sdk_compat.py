@@ -312,7 +312,7 @@ class EnvKeyedApp:
         if exported is not None and scope["type"] in ("http", "websocket"):
             scope = {**scope, "headers": _translate(scope["headers"], self._own, exported)}
         if scope["type"] == "http":
-            send = _masking_errors(send, [self._own, exported or self._own])
+            send = _blanking_key_prefixes(send, [self._own, exported or self._own])
         await self.app(scope, receive, send)
 
 
@@ -320,12 +320,12 @@ class EnvKeyedApp:
 _LEAKED_PREFIX = 15
 
 
-def _masking_errors(send: Any, keys: list[bytes]) -> Any:
+def _blanking_key_prefixes(send: Any, keys: list[bytes]) -> Any:
     """``send`` that blanks key prefixes in error bodies (same length: Content-Length holds)."""
     prefixes = {key[:_LEAKED_PREFIX] for key in keys if len(key) >= 8}
     failed = False
 
-    async def masked(message: dict[str, Any]) -> None:
+    async def blanked(message: dict[str, Any]) -> None:
         nonlocal failed
         if message["type"] == "http.response.start":
             failed = int(message.get("status", 200)) >= 400
@@ -336,7 +336,7 @@ def _masking_errors(send: Any, keys: list[bytes]) -> Any:
             message = {**message, "body": body}
         await send(message)
 
-    return masked
+    return blanked
 
 
 def key_at_start(api_key: str, source: str) -> tuple[str, str]:

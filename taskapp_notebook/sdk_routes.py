@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ValidationError
 
 from .auth import KEY_ENV
-from .contract import _http_error, _invoke, _positional_arity
+from .contract import http_error, invoke, positional_arity
 from .models import TaskAppConfig, ValidateCandidateRequest, ValidateCandidateResponse
 
 __all__ = ["add_sdk_routes"]
@@ -33,14 +33,14 @@ def add_sdk_routes(app: FastAPI, cfg: TaskAppConfig, auth: list[Any]) -> None:
         async def validate_candidate(
             body: ValidateCandidateRequest, request: Request
         ) -> dict[str, Any]:
-            args = (body, request)[: min(2, max(1, _positional_arity(validator)))]
-            result = await _invoke(validator, *args)
+            args = (body, request)[: min(2, max(1, positional_arity(validator)))]
+            result = await invoke(validator, *args)
             if isinstance(result, BaseModel):
                 result = result.model_dump(mode="json")
             try:
                 checked = ValidateCandidateResponse.model_validate(result)
             except ValidationError as exc:
-                raise _http_error(
+                raise http_error(
                     500,
                     "invalid_validate_candidate_response",
                     f"validate_candidate() of task app {cfg.app_id!r} returned something that "

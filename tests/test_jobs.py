@@ -424,7 +424,7 @@ async def test_a_changed_tunnel_url_is_reported(world: World) -> None:
     app = job.task_app
     assert app is not None and app.url == job.submitted_url
     app.url = app.url + "-renewed"  # what the tunnel's URL-change event sets
-    job._app_changed(app)  # the listener the tunnel event calls
+    job.on_app_change(app)  # the listener the tunnel event calls
     assert "tunnel URL changed" in job.progress.snapshot().message
     job.cancel()
     assert (await job).state == "cancelled"

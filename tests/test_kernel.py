@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import threading
 import time
@@ -222,6 +223,26 @@ def test_rerun_50_times_leaves_one_app(kernel: Kernel) -> None:
     assert psutil.Process(kernel.pid).children(recursive=True) == []
     ok(kc, "%taskapp stop --all")
     assert kernel.app_listening_ports() == set()
+
+
+def test_five_reruns_keep_one_key_and_port_and_body_errors_show_user_frames(
+    kernel: Kernel,
+) -> None:
+    """JupyterLab's way (cellId in the request): the key a cell's first run generated, and
+    its port, survive every re-run; a body's error shows the user's frames only."""
+    kc = kernel.kc
+    seen = set()
+    for _ in range(5):
+        ok(kc, APP_CELL.format(options="--var keyed"), cell_id="cell-key")
+        seen.add(ok(kc, "print('KEY', keyed.api_key[-6:], keyed.port)").stdout.strip())
+    assert len(seen) == 1, seen
+    reply = run(kc, "%%taskapp --tunnel local\ndef helper():\n    raise KeyError('boom')\n"
+                    "helper()", cell_id="cell-error")
+    assert reply.status == "error" and reply.ename == "KeyError"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(reply.traceback))
+    assert "helper()" in text and "raise KeyError('boom')" in text, text
+    assert "taskapp_notebook" not in text and "run_cell_magic" not in text, text
+    ok(kc, "%taskapp stop --all")
 
 
 def test_rerun_with_widget_leaves_one_monitor(kernel: Kernel) -> None:

@@ -239,3 +239,34 @@ def test_sibling_imports_and_fresh_code_on_reload(
     assert second.module is not first.module
     assert second.module.__name__ != first.module.__name__
     assert first.config.app_id == "one-first"
+
+
+def test_an_unchanged_config_is_built_once_and_never_shared_by_two_servers() -> None:
+    import httpx
+    from support import free_port
+
+    from taskapp_notebook import InProcessTaskApp, TaskAppConfig
+    from taskapp_notebook.loading import build_asgi_app, release_asgi_app
+
+    config = TaskAppConfig(app_id="once", name="Once", description="",
+                           rollout=lambda request: {})
+    first = build_asgi_app(config=config, api_key="k1").app
+    release_asgi_app(first)
+    assert build_asgi_app(config=config, api_key="k1").app is first  # reused: not rebuilt
+    # in use by a server now: a second server gets its own app (its own key)
+    second = build_asgi_app(config=config, api_key="k2").app
+    assert second is not first
+    release_asgi_app(first)
+    release_asgi_app(second)
+    config.description = "changed"
+    assert build_asgi_app(config=config, api_key="k3").app not in (first, second)
+
+    one = InProcessTaskApp(config=config, tunnel_mode="local", serve_on="thread",
+                           port=free_port(), api_key="key-one")
+    two = InProcessTaskApp(config=config, tunnel_mode="local", serve_on="thread",
+                           port=free_port(), api_key="key-two")
+    with one, two:
+        for app in (one, two):
+            response = httpx.get(f"{app.url}/health", headers={"X-API-Key": app.api_key},
+                                 trust_env=False)
+            assert response.status_code == 200, (app.name, response.text)

@@ -252,7 +252,7 @@ def test_line_subcommands(shell: InteractiveShell, tmp_path: Path) -> None:
 
 def test_help_prints_usage_without_error(shell: InteractiveShell) -> None:
     result, out = run_cell(shell, "%taskapp -h")
-    assert result.success and out.startswith("%%taskapp [--tunnel MODE]")
+    assert result.success and out.startswith("%%taskapp [options]")
     assert "%taskapp stop [NAME | --all]" in out
     result, out = run_cell(shell, "%taskapp start -h")
     assert result.success and "usage: %taskapp start" in out and "--tunnel" in out
@@ -279,7 +279,7 @@ BAD_INPUTS = [
     ("%%taskapp --health-timeout -1\napp = 1", "positive number of seconds"),
     ("%%taskapp --var 1x\napp = 1", "not a Python variable name"),
     ("%%taskapp --tunnel local\nx = 1", "defines none of 'app'"),
-    ("%%taskapp --tunnel local\napp = 42", "'app' is a int"),
+    ("%%taskapp --tunnel local\napp = 42", "'app' is an int"),
     ("%%taskapp --tunnel local\nfrom fastapi import FastAPI\napp = FastAPI",
      "did you mean app = FastAPI(...)"),
     ("%%taskapp --tunnel local --app missing\napp = 1", "no variable named 'missing'"),
@@ -369,7 +369,7 @@ FUZZ_TOKENS = [
     "synthtunnel", "preconfigured", "--serve-on", "loop", "thread", "--health-timeout",
     "0.3", "nan", "-1", "--url", "http://127.0.0.1:1", "--api-key-env", "NOPE_UNSET_VAR",
     "--var", "1x", "fz", "--app", "nothing", "app", "'", '"', "--", "-", "=", "--port=",
-    "missing.py", "--no-auto-port", "--verify-tunnel", "--no-widget", "--host", "0.0.0.0",
+    "missing.py", "--no-auto-find-port", "--verify-tunnel", "--no-widget", "--host", "0.0.0.0",
     "--auth-header", "X-A", "--auth-token-env", "ünï", "%", "$HOME", "\\", ";",
     "--force-new-tunnel",
 ]
@@ -401,3 +401,141 @@ def test_fuzz_random_arguments_never_crash_the_shell(shell: InteractiveShell) ->
     assert outcomes["usage"] > 0 and outcomes["ok"] > 0
     result, _ = run_cell(shell, "40 + 2")
     assert result.result == 42
+
+
+# ------------------------------------------------------------------------ a newcomer's first hour
+
+
+def test_key_and_port_stay_the_same_over_five_reruns(shell: InteractiveShell) -> None:
+    code = f"%%taskapp --tunnel local --no-widget\n{APP_BODY}"
+    apps = [run_cell(shell, code, cell_id="rerun-5")[0].result for _ in range(5)]
+    assert all(isinstance(a, InProcessTaskApp) for a in apps)
+    assert len({a.api_key for a in apps}) == 1, [a.api_key[-4:] for a in apps]
+    assert len({a.port for a in apps}) == 1 and len({a.name for a in apps}) == 1
+    assert registry.running() == [apps[-1]] and get_health(apps[-1]) == 200
+
+
+def test_cell_help_alone_prints_every_option(shell: InteractiveShell) -> None:
+    for code in ("%%taskapp -h", "%%taskapp --help\n", "%%taskapp --tunnel local -h\n\n"):
+        result, out = run_cell(shell, code)
+        assert result.success, (code, out)
+        assert "usage: %%taskapp" in out and "--serve-on {loop,thread}" in out, out
+        assert "--no-auto-find-port" in out and "cell body is empty" not in out
+    # the line magic's help is complete too: every subcommand and every %%taskapp option
+    result, out = run_cell(shell, "%taskapp -h")
+    assert result.success and "] ..." not in out and "…" not in out, out
+    assert "%taskapp stop [NAME | --all]" in out and "--health-timeout SECONDS" in out
+    assert registry.running() == []
+
+
+def test_body_defining_nothing_does_not_serve_a_stale_app(shell: InteractiveShell) -> None:
+    first = cell(shell, "--tunnel local --no-widget --name first")
+    assert first.is_running
+    # `app` and `config` from earlier cells are still in the namespace
+    shell.run_cell(CONFIG_BODY)
+    out = usage_error(shell, "%%taskapp --tunnel local --no-widget --name second\nx = 1")
+    assert "defines none of 'app'" in out
+    assert registry.running() == [first]
+    # re-binding the same object counts as defining it; so does an import
+    same = cell(shell, "--tunnel local --no-widget --name third", "app = app")
+    assert same.is_running
+    shell.run_cell("import types, sys; sys.modules['nc_mod'] = types.ModuleType('nc_mod')")
+    shell.user_ns["nc_mod"] = sys.modules["nc_mod"]
+    sys.modules["nc_mod"].app = shell.user_ns["app"]  # type: ignore[attr-defined]
+    imported = cell(shell, "--tunnel local --no-widget --name fourth", "from nc_mod import app")
+    assert imported.is_running
+    del sys.modules["nc_mod"]
+
+
+def test_body_error_shows_the_users_frames_only(shell: InteractiveShell) -> None:
+    shell.run_line_magic("colors", "nocolor")
+    body = "def helper():\n    raise KeyError('boom')\n\nhelper()"
+    result, out = run_cell(shell, f"%%taskapp --tunnel local --no-widget\n{body}")
+    assert isinstance(result.error_in_exec, KeyError)
+    assert "KeyError: 'boom'" in out and "helper()" in out, out
+    assert "raise KeyError('boom')" in out, out
+    assert "taskapp_notebook" not in out and "run_cell_magic" not in out, out
+    assert registry.running() == []
+
+
+def test_auto_find_port_is_one_name_with_deprecated_aliases(shell: InteractiveShell) -> None:
+    magics = loaded_magics(shell)
+    assert magics is not None
+    port = free_port()
+    blocker = __import__("socket").socket()
+    blocker.bind(("127.0.0.1", port))
+    blocker.listen()
+    try:
+        out = usage_error(shell, f"%%taskapp --tunnel local --no-widget --port {port} "
+                                 f"--no-auto-find-port\n{APP_BODY}")
+        assert f"Port {port}" in out
+        with pytest.warns(DeprecationWarning, match="--no-auto-find-port"):
+            with pytest.raises(UsageError, match=f"Port {port}"):
+                cell(shell, f"--tunnel local --no-widget --port {port} --no-auto-port")
+        shell.run_line_magic("config", "TaskAppMagics.auto_find_port = False")
+        assert magics.auto_find_port is False
+        with pytest.raises(UsageError, match=f"Port {port}"):
+            cell(shell, f"--tunnel local --no-widget --port {port}")
+        with pytest.warns(DeprecationWarning, match="TaskAppMagics.auto_find_port"):
+            shell.run_line_magic("config", "TaskAppMagics.auto_port = True")
+        assert magics.auto_find_port is True
+        moved = cell(shell, f"--tunnel local --no-widget --port {port}")
+        assert moved.port != port and moved.auto_find_port is True
+    finally:
+        blocker.close()
+
+
+def test_wrong_type_message_reads_well(shell: InteractiveShell) -> None:
+    assert "'app' is an int," in usage_error(shell, "%%taskapp --tunnel local\napp = 42")
+    assert "'config' is an int," in usage_error(shell, "%%taskapp --tunnel local\nconfig = 4")
+
+
+def test_failed_rerun_restores_the_working_app(shell: InteractiveShell) -> None:
+    port = free_port()
+    code = f"%%taskapp --tunnel local --no-widget --port {port}\n{APP_BODY}"
+    working = run_cell(shell, code, cell_id="restore")[0].result
+    assert working.is_running and get_health(working) == 200
+    broken = APP_BODY.replace('return {"ok": True}',
+                              "from fastapi import Response\n    return Response(status_code=503)")
+    out = usage_error_with_id(shell, f"%%taskapp --tunnel local --no-widget --port {port} "
+                                     f"--health-timeout 0.5\n{broken}", "restore")
+    assert "did not start" in out and "previous app" in out and "running again" in out, out
+    assert working.is_running and working.port == port and get_health(working) == 200
+    assert registry.running() == [working]
+    with capture_output() as logs:
+        shell.run_line_magic("taskapp", f"logs {working.name}")
+    assert "re-run failed:" in logs.stdout and "HTTP 503" in logs.stdout, logs.stdout
+    # the next good re-run replaces the restored app as usual, same key
+    again = run_cell(shell, code, cell_id="restore")[0].result
+    assert again.is_running and again.api_key == working.api_key and again.port == port
+    assert str(working.state) == "stopped"
+
+
+def usage_error_with_id(ip: InteractiveShell, code: str, cell_id: str) -> str:
+    result, out = run_cell(ip, code, cell_id=cell_id)
+    assert isinstance(result.error_in_exec, UsageError), (code, out)
+    assert "Traceback" not in out, out
+    return out
+
+
+def test_every_view_renders_from_the_one_presenter(shell: InteractiveShell) -> None:
+    from taskapp_notebook.notebook.widget import TaskAppView
+
+    app = cell(shell, "--tunnel local --no-widget --name shown")
+    app.started_at = __import__("time").time() - 185  # up for 3 min 5 s
+    view = TaskAppView(app, monitor=False)
+    try:
+        with capture_output() as listed:
+            shell.run_line_magic("taskapp", "list")
+        with capture_output() as status:
+            shell.run_line_magic("taskapp", "status shown")
+        table = listed.outputs[0].data["text/plain"]
+        detail = status.outputs[0].data["text/plain"]
+        for text in (table, detail, view.summary_text(), view.summary_html()):
+            assert "3m 05s" in text, text
+            assert app.api_key not in text and app.api_key[-4:] in text or text is table
+        with capture_output() as logs:
+            shell.run_line_magic("taskapp", "logs shown -n 40")
+        assert logs.stdout.splitlines()[1:] == view.log_lines()[-40:]
+    finally:
+        view.close()

@@ -18,9 +18,16 @@ from taskapp_notebook import InProcessTaskApp
 from taskapp_notebook.errors import InvalidParameterError
 from taskapp_notebook.health import auth_headers
 from taskapp_notebook.monitor import STATUSES, HealthMonitor, monitor_for
+from taskapp_notebook.notebook.presenter import present
 from taskapp_notebook.tunnels.base import TunnelState
 
 SECRET = "monitor-test-secret-key-abcdefgh"
+
+
+def detail(monitor: HealthMonitor) -> str:
+    """The status line every view shows for the monitored app."""
+    assert monitor.app is not None
+    return present(monitor.app).detail
 
 
 
@@ -84,13 +91,13 @@ def test_running_then_unhealthy_on_503_then_recovers(
     monitor = HealthMonitor.attach(app, interval=0.1)
     assert wait_for(lambda: monitor.last is not None and monitor.last.ok)
     assert monitor.status == "running"
-    assert monitor.describe().startswith("running — health HTTP 200")
+    assert detail(monitor).startswith("running — health HTTP 200")
     assert app.health is not None and app.health.ok
 
     healthy["ok"] = False
     assert wait_for(lambda: monitor.status == "unhealthy")
     assert monitor.last is not None and monitor.last.status == 503
-    assert "GET /health: HTTP 503" in monitor.describe()
+    assert "GET /health: HTTP 503" in detail(monitor)
     assert app.health is not None and app.health.status == 503
 
     healthy["ok"] = True
@@ -137,7 +144,7 @@ def test_busy_loop_is_kernel_busy_not_down(app: InProcessTaskApp) -> None:
     caller = threading.Thread(target=call_block)
     caller.start()
     assert wait_for(lambda: monitor.status == "kernel busy")
-    assert monitor.describe().startswith("kernel busy (")
+    assert detail(monitor).startswith("kernel busy (")
     caller.join(30)
     assert result == {"status": 200}
     assert wait_for(lambda: monitor.status == "running")
@@ -155,12 +162,12 @@ def test_tunnel_status_maps_to_reconnecting_and_unhealthy(app: InProcessTaskApp)
     # the local backend's real status object, moved as a reconnecting backend would move it
     tunnel.status.set(TunnelState.RECONNECTING, f"relay closed the socket (key {SECRET})")
     assert monitor.status == "reconnecting"
-    text = monitor.describe()
+    text = detail(monitor)
     assert text.startswith("reconnecting — tunnel reconnecting: relay closed")
     assert SECRET not in text and SECRET[-4:] in text
     tunnel.status.set(TunnelState.DOWN, "gave up after 5 attempts")
     assert monitor.status == "unhealthy"
-    assert monitor.describe() == "unhealthy — tunnel down: gave up after 5 attempts"
+    assert detail(monitor) == "unhealthy — tunnel down: gave up after 5 attempts"
     tunnel.status.set(TunnelState.CONNECTED)
     assert monitor.status == "running"
 
@@ -174,7 +181,7 @@ def test_failed_start_shows_failed(healthy: dict[str, bool]) -> None:
     with pytest.raises(RuntimeError):
         task_app.start()
     assert monitor.status == "failed"
-    assert monitor.describe().startswith("failed — HealthCheckError")
+    assert detail(monitor).startswith("failed — HealthCheckError")
     assert not monitor_threads()
     monitor.close()
 

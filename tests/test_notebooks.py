@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from pathlib import Path
 
 import nbformat
@@ -32,6 +34,28 @@ def test_notebook_executes(path: Path) -> None:
     outputs = [out for c in nb.cells if c.cell_type == "code" for out in c.get("outputs", [])]
     assert not [out for out in outputs if out.get("output_type") == "error"]
     assert any(out.get("output_type") in ("execute_result", "display_data") for out in outputs)
+
+
+def test_quickstart_happy_path_prints_nothing_red_when_8114_is_taken() -> None:
+    """The default port busy (another notebook, another app): the quickstart moves to the
+    next free port and says so at INFO only — no stderr output, so no red line."""
+    path = NOTEBOOK_DIR / "quickstart.ipynb"
+    with contextlib.ExitStack() as stack:
+        holder = stack.enter_context(socket.socket())
+        try:
+            holder.bind(("127.0.0.1", 8114))
+            holder.listen()
+        except OSError:
+            pass  # already taken by someone else: just as good
+        nb = nbformat.read(path, as_version=4)
+        NotebookClient(nb, timeout=120, kernel_name="python3",
+                       resources={"metadata": {"path": str(path.parent)}}).execute()
+    stderr = [out.get("text") for c in nb.cells if c.cell_type == "code"
+              for out in c.get("outputs", [])
+              if out.get("output_type") == "stream" and out.get("name") == "stderr"]
+    assert stderr == []
+    listed = [out for c in nb.cells if "%taskapp list" in c.source for out in c.outputs]
+    assert "8114" not in str(listed)  # it did move
 
 
 def test_binder_installs_this_package_on_a_supported_python() -> None:

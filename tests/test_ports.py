@@ -301,3 +301,58 @@ def test_validate_host_names_the_allowed_hosts() -> None:
 
 def test_free_port_helper_is_free() -> None:
     assert port_is_free(free_port())
+
+
+def test_moving_off_the_default_port_is_info_off_a_chosen_one_a_warning(
+    port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The seed logs port conflicts at WARNING; a port nobody chose (the default 8114)
+    moving is only INFO, so a notebook's happy path shows no red line."""
+    from taskapp_notebook.ports import DEFAULT_PORT, bind_first_free
+
+    assert InProcessTaskApp(app=health_app(), tunnel_mode="local").port_pinned is False
+    assert task_app(port).port_pinned is True
+    assert task_app(DEFAULT_PORT).port_pinned is False
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", port))
+    holder.listen()
+    caplog.set_level(logging.INFO, logger="taskapp_notebook")
+    try:
+        for pinned, level in ((False, logging.INFO), (True, logging.WARNING)):
+            caplog.clear()
+            with bind_first_free("127.0.0.1", port, pinned=pinned) as sock:
+                assert sock.getsockname()[1] != port
+            (record,) = [r for r in caplog.records if "is in use; using port" in r.message]
+            assert record.levelno == level
+    finally:
+        holder.close()
+
+
+def test_restart_keeps_the_actual_port_and_key(
+    port: int, foreign: Callable[..., Foreign]
+) -> None:
+    app = task_app(port)
+    holder = foreign("listen", str(port))
+    app.start()
+    try:
+        moved, key = app.port, app.api_key
+        assert moved != port
+        holder.close()
+        app.restart()
+        assert app.is_running and app.port == moved and app.api_key == key
+    finally:
+        app.stop()
+
+
+async def test_arestart_and_astop_all(port: int) -> None:
+    from taskapp_notebook import astop_all
+
+    first, second = task_app(port, serve_on="loop"), task_app(free_port(), serve_on="thread")
+    await first.astart()
+    await second.astart()
+    key = first.api_key
+    await first.arestart()
+    assert first.is_running and first.port == port and first.api_key == key
+    await astop_all(timeout=10)
+    assert not first.is_running and not second.is_running
+    assert port_is_free(port) and port_is_free(second.port)

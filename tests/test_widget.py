@@ -269,3 +269,25 @@ def test_log_pane_orders_requests_and_events_by_time(app: InProcessTaskApp,
     assert ping < stopping, lines
     assert app.events[-1].endswith("state: stopped")
     assert [text for _, text in app.timed_events] == list(app.events)
+
+
+def test_restart_button_keeps_the_actual_port_and_key() -> None:
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    wanted = busy.getsockname()[1]
+    task_app = InProcessTaskApp(app=make_api(), tunnel_mode="local", serve_on="thread",
+                                port=wanted)
+    task_app.start()
+    task_view = TaskAppView(task_app, monitor=False)
+    try:
+        moved, key = task_app.port, task_app.api_key
+        assert moved != wanted
+        busy.close()  # the port it wanted is free again: a restart must not jump back
+        task_view.restart_button.click()
+        assert task_app.is_running and task_app.port == moved and task_app.api_key == key
+        assert task_view.error == ""
+    finally:
+        task_view.close()
+        task_app.stop()
+        busy.close()

@@ -21,7 +21,7 @@ __all__ = [
     "JobEventFeed",
     "candidate_components",
     "final_state",
-    "scrub_doc",
+    "map_strings",
 ]
 
 SUCCESS_EVENTS = frozenset({
@@ -97,14 +97,14 @@ def candidate_components(value: Any) -> dict[str, str]:
     return {str(k): v for k, v in value.items() if isinstance(v, str) and k != "id"}
 
 
-def scrub_doc(value: Any, scrub: Callable[[str], str]) -> Any:
-    """``value`` (JSON-like) with ``scrub`` applied to every string in it."""
+def map_strings(value: Any, function: Callable[[str], str]) -> Any:
+    """``value`` (JSON-like) with ``function`` applied to every string in it."""
     if isinstance(value, str):
-        return scrub(value)
+        return function(value)
     if isinstance(value, dict):
-        return {k: scrub_doc(v, scrub) for k, v in value.items()}
+        return {k: map_strings(v, function) for k, v in value.items()}
     if isinstance(value, list):
-        return [scrub_doc(v, scrub) for v in value]
+        return [map_strings(v, function) for v in value]
     return value
 
 
@@ -121,7 +121,7 @@ class JobEventFeed:
         self.progress = progress
         self._scrub = scrub
         #: ``scrub`` applied to a whole document (what user callbacks get).
-        self.scrub_doc: Callable[[Any], Any] = lambda doc: scrub_doc(doc, scrub)
+        self.scrub_document: Callable[[Any], Any] = lambda doc: map_strings(doc, scrub)
         self.last_seq = 0
         self.events_seen = 0
 

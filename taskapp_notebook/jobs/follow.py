@@ -140,7 +140,7 @@ class _Follower:
         if not self.feed.event(event):
             return
         if self.on_event is not None:
-            _call(self.on_event, self.feed.scrub_doc(event), "on_event")
+            _call(self.on_event, self.feed.scrub_document(event), "on_event")
         terminal = terminal_status_of(event)
         if terminal is not None:
             logger.info("Job %s: terminal event %s", self.job_id, event.get("type"))
@@ -170,7 +170,7 @@ class _Follower:
         self.last_status = status
         self.feed.status(status)
         if self.on_status is not None:
-            _call(self.on_status, self.feed.scrub_doc(status), "on_status")
+            _call(self.on_status, self.feed.scrub_document(status), "on_status")
 
     async def _final_status(self) -> dict[str, Any]:
         for attempt in range(3):

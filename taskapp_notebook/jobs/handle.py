@@ -210,7 +210,7 @@ class HostedJob:
             first_line = (str(error) or type(error).__name__).splitlines()[0]
             self.progress.update(state="failed", message=first_line[:300])
 
-    def _app_changed(self, app: InProcessTaskApp) -> None:
+    def on_app_change(self, app: InProcessTaskApp) -> None:
         """Listener on the task app: an app stopped from elsewhere (``%taskapp stop``,
         ``stop_all``, kernel shutdown) ends the job; the job is cancelled on the backend."""
         if str(app.state) in ("stopping", "stopped", "failed") and not self.done():

@@ -8,6 +8,7 @@ create the job → follow it (SSE) → read the final status → stop the app, i
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -28,7 +29,7 @@ from .backend import (
     resolve_job_host,
 )
 from .config import JobSpec, build_job_spec, load_job_config, merge_dot_overrides
-from .events import JobEventFeed, final_state, scrub_doc
+from .events import JobEventFeed, final_state, map_strings
 from .follow import follow_job
 from .handle import HostedJob, InProcessJobResult
 
@@ -92,8 +93,7 @@ async def _submit_and_follow(
     out with every secret masked."""
     progress = handle.progress
 
-    def scrub(text: str) -> str:
-        return scrub_secrets(text, secrets)
+    scrub = functools.partial(scrub_secrets, secrets=secrets)
 
     backend = JobBackend(host, synth_key)
     stats: dict[str, int] = {}
@@ -130,7 +130,7 @@ async def _submit_and_follow(
         error = type(exc)(text if len(text) <= _MAX_ERROR else text[:_MAX_ERROR] + " …")
         cause = exc.__cause__
     else:
-        status = scrub_doc(status, scrub)
+        status = map_strings(status, scrub)
         result = InProcessJobResult(job_id=handle.job_id or "", status=status,
                                     task_app_url=task_app_url, backend_url=host,
                                     kind=spec.kind, follow_stats=stats)
@@ -300,7 +300,7 @@ def run_in_process_job(
         handle.progress.update(message="starting the task app")
         try:
             await task_app.astart()
-            task_app.add_listener(handle._app_changed)
+            task_app.add_listener(handle.on_app_change)
             url = handle.submitted_url = task_app.url or task_app.local_url
             token = task_app.task_app_worker_token
             spec = build_job_spec(job_type, job_config, container_url=url,
@@ -317,7 +317,7 @@ def run_in_process_job(
                 on_event=on_event,
             )
         finally:
-            task_app.remove_listener(handle._app_changed)
+            task_app.remove_listener(handle.on_app_change)
             await task_app.astop()
 
     return HostedJob(runner, _new_progress(spec, name))

@@ -7,6 +7,8 @@ Unloading (``%unload_ext`` / ``%reload_ext``) stops every app and removes every 
 from __future__ import annotations
 
 import logging
+import re
+import shlex
 from typing import Any
 
 from .. import registry
@@ -25,6 +27,7 @@ def load(shell: Any) -> None:
         return
     hooks = KernelHooks(shell)
     hooks.install()
+    shell.input_transformers_cleanup.append(cell_help_alone)
     magics = TaskAppMagics(shell, hooks=hooks)
     shell.register_magics(magics)
     _loaded[id(shell)] = (magics, hooks)
@@ -40,8 +43,33 @@ def unload(shell: Any) -> None:
         _unregister_magics(shell, magics)
         magics.close()
         hooks.uninstall()
+    while cell_help_alone in shell.input_transformers_cleanup:
+        shell.input_transformers_cleanup.remove(cell_help_alone)
     registry.uninstall_hooks()
     logger.debug("taskapp_notebook extension unloaded")
+
+
+_CELL_MAGIC = re.compile(r"%%taskapp(?:\s+(?P<args>.*))?$")
+
+
+def cell_help_alone(lines: list[str]) -> list[str]:
+    """An input transformer: ``%%taskapp -h`` alone in a cell prints the help.
+
+    IPython refuses a cell magic whose body is empty before the magic runs ("the cell body
+    is empty"); a body of one blank line lets ``%%taskapp`` see ``-h`` and print every option.
+    """
+    if not lines or any(line.strip() for line in lines[1:]):
+        return lines
+    match = _CELL_MAGIC.match(lines[0].strip())
+    if match is None:
+        return lines
+    try:
+        args = shlex.split(match.group("args") or "")
+    except ValueError:
+        return lines
+    if "-h" not in args and "--help" not in args:
+        return lines
+    return [lines[0].rstrip("\n") + "\n", "\n"]
 
 
 def loaded_magics(shell: Any) -> TaskAppMagics | None:

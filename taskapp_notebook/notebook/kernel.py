@@ -19,6 +19,7 @@ import contextlib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
+from types import TracebackType
 from typing import Any
 
 from .. import registry
@@ -30,21 +31,6 @@ Handler = Callable[..., Any]
 _HANDLER_TABLES = ("control_handlers", "shell_handlers")
 #: How long a shutdown request waits for the apps before letting the kernel exit anyway.
 SHUTDOWN_TIMEOUT = 3.0
-
-
-async def stop_running_apps(timeout: float = SHUTDOWN_TIMEOUT) -> None:
-    """Stop every running app concurrently from async code; give up after ``timeout``."""
-    apps = registry.running()
-    if not apps:
-        return
-    logger.info("Kernel shutdown: stopping %d task app(s)", len(apps))
-    results = asyncio.gather(*(app.astop() for app in apps), return_exceptions=True)
-    try:
-        for result in await asyncio.wait_for(results, timeout):
-            if isinstance(result, BaseException):
-                logger.warning("Error while stopping a task app at shutdown: %s", result)
-    except TimeoutError:
-        logger.warning("Task apps did not stop within %.1f s; the kernel exits anyway", timeout)
 
 
 class KernelHooks:
@@ -130,20 +116,44 @@ class KernelHooks:
 def run_in_namespace(shell: Any, cell: str) -> None:
     """Run a cell body in the user namespace, like a cell (IPython syntax, top-level await).
 
-    Errors propagate with a traceback into the user's own code.
+    An error propagates as it is (its type, message and cause), and IPython shows its
+    traceback from the body's first frame on: the user's own frames, none of ours.
     """
     code = shell.transform_cell(cell)
     filename = shell.compile.cache(code, shell.execution_count, raw_code=cell)
     code_obj = compile(code, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
-    if not code_obj.co_flags & inspect.CO_COROUTINE:
-        exec(code_obj, shell.user_global_ns, shell.user_ns)
+    try:
+        if not code_obj.co_flags & inspect.CO_COROUTINE:
+            exec(code_obj, shell.user_global_ns, shell.user_ns)
+            return
+        coro = eval(code_obj, shell.user_global_ns, shell.user_ns)
+        loop = running_loop()
+        if loop is not None:
+            run_sync(loop, coro)  # a kernel cell: nest on the kernel's loop
+        else:
+            asyncio.run(coro)
+    except Exception as exc:
+        _show_from(shell, exc, filename)
+        raise
+
+
+def _show_from(shell: Any, exc: BaseException, filename: str) -> None:
+    """Make IPython render ``exc``'s traceback from the first frame in ``filename`` on
+    (the ``_render_traceback_`` hook IPython and ipykernel honour)."""
+    tb: TracebackType | None = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != filename:
+        tb = tb.tb_next
+    formatter = getattr(shell, "InteractiveTB", None)
+    if tb is None or formatter is None or hasattr(exc, "_render_traceback_"):
         return
-    coro = eval(code_obj, shell.user_global_ns, shell.user_ns)
-    loop = running_loop()
-    if loop is not None:
-        run_sync(loop, coro)  # a kernel cell: nest on the kernel's loop
-    else:
-        asyncio.run(coro)
+    user_tb = tb
+
+    def render() -> list[str]:
+        lines: list[str] = formatter.structured_traceback(type(exc), exc, user_tb, tb_offset=0)
+        return lines
+
+    with contextlib.suppress(AttributeError):  # an exception class with __slots__
+        exc._render_traceback_ = render  # type: ignore[attr-defined]
 
 
 def _stop_all_at_exit() -> None:
@@ -156,7 +166,7 @@ def _wrap_shutdown(original: Handler) -> Callable[..., Awaitable[Any]]:
 
     async def shutdown_request(stream: Any, ident: Any, parent: Any) -> Any:
         try:
-            await stop_running_apps()
+            await registry.astop_all(SHUTDOWN_TIMEOUT)
         except Exception:  # noqa: BLE001 - the kernel must shut down regardless
             logger.warning("Error while stopping task apps at kernel shutdown", exc_info=True)
         result = original(stream, ident, parent)

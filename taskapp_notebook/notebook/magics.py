@@ -9,17 +9,19 @@ from __future__ import annotations
 import inspect
 import itertools
 import logging
+import os
 import textwrap
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.display import display as _ipython_display
-from traitlets import Bool, Enum, Float, Int, Unicode
+from traitlets import Bool, Enum, Float, Int, Unicode, observe
 
 from .. import registry
-from ..errors import TaskAppError, mask_secret
+from ..errors import TaskAppError, scrub_secrets
 from ..loops import running_loop
 from ..ports import ALLOWED_HOSTS
 from ..tunnels.base import TUNNEL_MODES
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 
     from ..runner import InProcessTaskApp
     from .kernel import KernelHooks
+    from .widget import TaskAppView
 
 logger = logging.getLogger(__name__)
 
@@ -55,20 +58,21 @@ class TaskAppMagics(Magics):
 
     Usage::
 
-        %%taskapp [--tunnel MODE] [--name NAME] [--port N] [--serve-on loop|thread] ...
-        app = FastAPI()          # or: config = TaskAppConfig(...), or config_factory
+        %%taskapp [options]                serve the app the cell body defines:
+        app = FastAPI()          # or: config = TaskAppConfig(app_id="x", ...), config_factory
 
         %taskapp start PATH.py [options]   start the app a .py file defines
-        %taskapp list                      name, state, URL, port, tunnel, health, ...
+        %taskapp list                      every app: state, URL, port, health, uptime
         %taskapp status [NAME]             one app in detail (secrets masked)
         %taskapp url [NAME]                the public URL (returned as a string)
         %taskapp logs [NAME] [-n N]        recent events and requests
-        %taskapp restart [NAME]            stop and start again on the same port
+        %taskapp restart [NAME]            stop and start again, same port and key
         %taskapp stop [NAME | --all]
 
-    Re-running a cell that started an app stops that app first (keyed by the frontend's
-    cell id, else ``--name``, else the magic's arguments). Defaults are traits:
-    ``%config TaskAppMagics.tunnel = "local"``.
+    Re-running a cell that started an app replaces that app, on the same port and with the
+    same generated key (keyed by the frontend's cell id, else ``--name``, else the magic's
+    arguments). If the new app fails to start, the previous one is started again and the
+    error says so. Defaults are traits: ``%config TaskAppMagics.tunnel = "local"``.
     """
 
     tunnel = Enum(TUNNEL_MODES, default_value="synthtunnel",
@@ -79,7 +83,11 @@ class TaskAppMagics(Magics):
     port = Int(8114, help="Default --port.").tag(config=True)
     host = Enum(ALLOWED_HOSTS, default_value="127.0.0.1", help="Default --host.").tag(config=True)
     health_timeout = Float(30.0, help="Default --health-timeout (seconds).").tag(config=True)
-    auto_port = Bool(True, help="Find the next free port when the port is busy.").tag(config=True)
+    auto_find_port = Bool(True, help=(
+        "Find the next free port when the port is busy (InProcessTaskApp's auto_find_port; "
+        "--no-auto-find-port turns it off for one cell).")).tag(config=True)
+    auto_port = Bool(None, allow_none=True, help=(
+        "Deprecated: the old name of auto_find_port.")).tag(config=True)
     verify_tunnel = Bool(False, help="Default --verify-tunnel.").tag(config=True)
     widget = Bool(True, help="Display the status widget after a start.").tag(config=True)
     api_key_env = Unicode("", help=(
@@ -96,15 +104,27 @@ class TaskAppMagics(Magics):
         self.by_key: dict[str, InProcessTaskApp] = {}
         #: Name → the last app started under it (running, stopped or failed).
         self.known: dict[str, InProcessTaskApp] = {}
-        #: Launch key → the status view displayed for it (closed when the cell re-runs).
-        self.views: dict[str, Any] = {}
+        #: Launch key → the status view displayed for it (retired when the cell re-runs).
+        self.views: dict[str, TaskAppView] = {}
+        #: Launch key → the key generated for its first run (every re-run keeps it).
+        self.generated_keys: dict[str, str] = {}
         self._counter = itertools.count(1)
+
+    @observe("auto_port")
+    def _auto_port_renamed(self, change: Any) -> None:
+        if change["new"] is None:
+            return
+        warnings.warn("TaskAppMagics.auto_port is deprecated; use TaskAppMagics.auto_find_port "
+                      "(the name InProcessTaskApp uses).", DeprecationWarning, stacklevel=2)
+        self.auto_find_port = bool(change["new"])
+        self.auto_port = None
 
     def close(self) -> None:
         """Forget every app and leave ``shell.configurables`` (used by unload)."""
         self.by_key.clear()
         self.known.clear()
         self.views.clear()
+        self.generated_keys.clear()
         while self in self.ip.configurables:
             self.ip.configurables.remove(self)
 
@@ -126,9 +146,11 @@ class TaskAppMagics(Magics):
             return None
         ns = self.ip.user_ns
         before = options.snapshot_sources(ns, opts.app)
+        bound: set[str] = set()
         if cell.strip():
+            bound = options.bound_names(self.ip.transform_cell(cell))
             self._run_body(cell)
-        source = options.resolve_source(ns, before, opts.app)
+        source = options.resolve_source(ns, before, opts.app, bound)
         return self._launch(source, opts, fallback_key=f"cell:{' '.join(line.split())}")
 
     def _run_body(self, cell: str) -> None:
@@ -136,6 +158,7 @@ class TaskAppMagics(Magics):
             run_in_namespace(self.ip, cell)
         except TaskAppError as exc:
             raise UsageError(f"%%taskapp: the cell body raised: {_first_line(exc)}") from None
+        # any other error is the user's: it propagates with their frames only (kernel.py)
 
     # ------------------------------------------------------------------ %taskapp
 
@@ -151,7 +174,7 @@ class TaskAppMagics(Magics):
             argv = ["list"]
         command, rest = argv[0], argv[1:]
         if command in ("-h", "--help", "help"):
-            print(_usage())
+            print(full_help())
             return None
         handler: Callable[[list[str]], Any] | None = getattr(self, f"_cmd_{command}", None)
         if command not in SUBCOMMANDS or handler is None:
@@ -193,9 +216,7 @@ class TaskAppMagics(Magics):
         parser.add_argument("name", nargs="?", metavar="NAME")
         opts = parse(parser, argv)
         app = self._pick(opts.name, "restart", include_stopped=True)
-        app.stop()
-        app.requested_port = app.port  # same port when free
-        self._start(app)
+        self._start(app, restart=True)
         print(f"Restarted task app {app.name!r} at {app.url}.")
 
     def _cmd_list(self, argv: list[str]) -> None:
@@ -242,39 +263,70 @@ class TaskAppMagics(Magics):
         else:
             port = previous.port if previous is not None else self.port
         kwargs = self._app_kwargs(opts)
-        if kwargs["api_key"] is None and previous is not None and (
-            previous.api_key_source == "generated"
-        ):
-            kwargs["api_key"] = previous.api_key  # a re-run keeps the URL and the key
+        inherited = self.generated_keys.get(key)
+        if kwargs["api_key"] is None and inherited and not os.environ.get("ENVIRONMENT_API_KEY"):
+            kwargs["api_key"] = inherited  # every re-run keeps the key its first run generated
         try:
             app = InProcessTaskApp(**source, **kwargs, port=port, name=name)
         except (TaskAppError, OSError) as exc:
             raise UsageError(_first_line(exc)) from None
-        for other in [previous, *registry.running()]:
-            if other is not None and (other is previous or other.name == name):
-                _stop_quietly(other)
-        _close_view(self.views.pop(key, None))
-        self.by_key[key] = app
+        if app.api_key_source == "generated":
+            self.generated_keys[key] = app.api_key
+        replaced = list(dict.fromkeys(
+            other for other in [previous, *registry.running()]
+            if other is not None and (other is previous or other.name == name)
+        ))
+        working = [other for other in replaced if other.is_running]
+        for other in replaced:
+            _stop_quietly(other)
         self.known[name] = app
-        self._start(app, secrets=(kwargs.get("api_key"),
-                                  kwargs.get("preconfigured_auth_token")))
+        try:
+            self._start(app, secrets=(kwargs.get("api_key"),
+                                      kwargs.get("preconfigured_auth_token")))
+        except UsageError as exc:
+            raise UsageError(f"{exc} {self._restore(working, app)}") from None
+        replaced_view = self.views.pop(key, None)
+        if replaced_view is not None:
+            replaced_view.retire()
+        self.by_key[key] = app
         if opts.var:
             self.ip.user_ns[opts.var] = app
         if self.widget and not opts.no_widget:
-            view = self.views[key] = _show_widget(app)
-            if view is not None:
-                # The widget already shows the app: bind ``_`` without an Out[] repr line.
-                self.ip.displayhook.update_user_ns(app)
-                return None
+            from .widget import TaskAppView  # ipywidgets loads with the first widget
+
+            view = self.views[key] = TaskAppView(app)
+            display(view)
+            # The widget already shows the app: bind ``_`` without an Out[] repr line.
+            self.ip.displayhook.update_user_ns(app)
+            return None
         return app
 
-    def _start(self, app: InProcessTaskApp, secrets: tuple[str | None, ...] = ()) -> None:
+    def _restore(self, working: list[InProcessTaskApp], failed: InProcessTaskApp) -> str:
+        """After a failed re-run: start the apps it replaced again (same port and key) and
+        say so — or say plainly that they are gone. The failure's details go into their
+        log, where ``%taskapp logs NAME`` (now naming the restored app) shows them."""
+        if not working:
+            return ""
+        notes = []
+        for old in working:
+            for line in list(failed.events)[-6:]:
+                old.record_event(f"re-run failed: {line.split(' ', 1)[-1]}")
+            try:
+                old.restart()
+            except (TaskAppError, OSError) as exc:
+                notes.append(f"The previous app {old.name!r} could not be started again "
+                             f"({_first_line(exc)}); it is stopped.")
+            else:
+                self.known[old.name] = old
+                notes.append(f"The previous app {old.name!r} is running again at {old.url}.")
+        return " ".join(notes)
+
+    def _start(self, app: InProcessTaskApp, secrets: tuple[str | None, ...] = (), *,
+               restart: bool = False) -> None:
         try:
-            app.start()
+            app.restart() if restart else app.start()
         except (TaskAppError, OSError) as exc:
-            text = _scrub(str(exc), (app.api_key, *secrets))
-            for extra in text.splitlines()[1:]:
-                app.record_event(extra)
+            text = scrub_secrets(str(exc), (*app.secrets(), *secrets))
             first = text.splitlines()[0] if text.strip() else type(exc).__name__
             more = f" (details: %taskapp logs {app.name})" if "\n" in text.strip() else ""
             raise UsageError(f"Task app {app.name!r} did not start: {first}{more}") from None
@@ -315,7 +367,7 @@ class TaskAppMagics(Magics):
             "host": opts.host or self.host,
             "serve_on": serve_on,
             "health_check_timeout": opts.health_timeout or self.health_timeout,
-            "auto_find_port": self.auto_port and not opts.no_auto_port,
+            "auto_find_port": self.auto_find_port and not opts.no_auto_find_port,
             "skip_tunnel_verification": not (opts.verify_tunnel or self.verify_tunnel),
             "force_new_tunnel": opts.force_new_tunnel,
             "api_key": options.env_value(key_env, "--api-key-env") if key_env else None,
@@ -328,7 +380,7 @@ class TaskAppMagics(Magics):
 
     def _pick(self, name: str | None, command: str, *, include_stopped: bool = False
               ) -> InProcessTaskApp:
-        apps = registry.running()
+        apps: list[InProcessTaskApp] = registry.running()
         names = ", ".join(repr(a.name) for a in apps) or "none"
         if name is not None:
             for app in apps:
@@ -346,31 +398,6 @@ class TaskAppMagics(Magics):
                          f"name one: %taskapp {command} NAME.")
 
 
-def _show_widget(app: InProcessTaskApp) -> Any | None:
-    """Display the status widget of ``app``; return the view (None if unavailable)."""
-    try:
-        from .widget import TaskAppView
-    except ImportError:  # pragma: no cover - the widget ships with the package
-        logger.debug("Widget module not available; the returned instance is shown instead")
-        return None
-    view = TaskAppView(app)
-    display(view)
-    return view
-
-
-def _close_view(view: Any | None) -> None:
-    """Close a replaced app's view and its health monitor (the app is stopped)."""
-    if view is None:
-        return
-    monitor = getattr(view, "monitor", None)
-    try:
-        view.close()
-        if monitor is not None:
-            monitor.close()
-    except Exception:  # noqa: BLE001 - cosmetic; never block the new start
-        logger.debug("Closing the previous view failed", exc_info=True)
-
-
 def _stop_quietly(app: InProcessTaskApp) -> None:
     try:
         app.stop()
@@ -383,15 +410,10 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _scrub(text: str, secrets: tuple[str | None, ...]) -> str:
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, mask_secret(secret))
-    return text
-
-
-def _usage() -> str:
-    """The ``Usage::`` block of the class docstring (up to the next paragraph)."""
+def full_help() -> str:
+    """``%taskapp -h``: every subcommand (the class docstring's ``Usage::`` block), then
+    every ``%%taskapp`` option."""
     block = inspect.cleandoc(TaskAppMagics.__doc__ or "").split("Usage::", 1)[-1]
     lines = itertools.takewhile(lambda ln: not ln or ln[0].isspace(), block.splitlines())
-    return textwrap.dedent("\n".join(lines)).strip("\n")
+    usage = textwrap.dedent("\n".join(lines)).strip("\n")
+    return f"{usage}\n\n{options.cell_parser().format_help()}"

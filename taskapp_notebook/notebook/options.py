@@ -7,10 +7,12 @@ Parsers are IPython ``MagicArgumentParser`` instances, so every argparse error b
 from __future__ import annotations
 
 import argparse
+import ast
 import inspect
 import math
 import shlex
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -103,11 +105,28 @@ def add_start_options(parser: Parser) -> None:
     add("--auth-token-env", metavar="VAR", help="Environment variable holding that token.")
     add("--serve-on", choices=SERVE_ON, help="Serve on the kernel's loop or its own thread.")
     add("--health-timeout", type=_seconds, metavar="SECONDS", help="Max wait for /health.")
-    add("--no-auto-port", action="store_true", help="Fail (or free it) if the port is busy.")
+    add("--no-auto-find-port", action="store_true",
+        help="Fail (or free it) if the port is busy (auto_find_port=False).")
+    add("--no-auto-port", action=_DeprecatedFlag, dest="no_auto_find_port",
+        help=argparse.SUPPRESS)
     add("--verify-tunnel", action="store_true", help="Check GET {url}/health through it.")
     add("--force-new-tunnel", action="store_true", help="Fresh managed tunnel (named).")
     add("--no-widget", action="store_true", help="Do not display the status widget.")
     add("--var", type=_identifier, metavar="NAME", help="Bind the instance to this variable.")
+
+
+class _DeprecatedFlag(argparse.Action):
+    """``--no-auto-port``: the old name of ``--no-auto-find-port``; works, and warns."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.pop("nargs", None)
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        warnings.warn(f"{option_string} is deprecated; use --no-auto-find-port (the name of "
+                      "InProcessTaskApp's auto_find_port).", DeprecationWarning, stacklevel=2)
+        setattr(namespace, self.dest, True)
 
 
 def cell_parser() -> Parser:
@@ -136,16 +155,47 @@ def snapshot_sources(ns: Mapping[str, Any], extra: str | None = None) -> dict[st
     return {name: ns.get(name, _MISSING) for name in names}
 
 
+def bound_names(code: str) -> set[str]:
+    """Names a cell body binds at its top level (assignments, ``def``, ``class``, imports,
+    ``for`` / ``with`` targets, walrus); empty when the code does not parse."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return set()
+    names: set[str] = set()
+    pending: list[ast.AST] = list(tree.body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+            continue  # their bodies bind local names
+        if isinstance(node, ast.Lambda):
+            continue
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.alias):
+            names.add(node.asname or node.name.split(".")[0])
+        pending.extend(ast.iter_child_nodes(node))
+    return names
+
+
 def resolve_source(
-    ns: Mapping[str, Any], before: Mapping[str, Any], app_var: str | None
+    ns: Mapping[str, Any], before: Mapping[str, Any], app_var: str | None,
+    bound: set[str] | None = None,
 ) -> dict[str, Any]:
-    """``{"app"|"config"|"config_factory": value}`` for what the cell defined."""
+    """``{"app"|"config"|"config_factory": value}`` for what the cell body defined.
+
+    Defined means bound by the body (``bound``, see :func:`bound_names`) or re-bound while
+    it ran; a variable left in the namespace by an earlier cell does not count — the same
+    body in a fresh kernel would define nothing either.
+    """
     if app_var is not None:
         if app_var not in ns:
             raise UsageError(f"--app {app_var}: no variable named {app_var!r} is defined.")
         return {_classify(ns[app_var], app_var): ns[app_var]}
-    changed = [n for n in SOURCE_NAMES if n in ns and ns[n] is not before.get(n, _MISSING)]
-    present = changed or [n for n in SOURCE_NAMES if n in ns]
+    bound = bound or set()
+    present = [n for n in SOURCE_NAMES if n in ns and (
+        n in bound or ns[n] is not before.get(n, _MISSING))]
     if not present:
         raise UsageError(
             "The %%taskapp cell defines none of 'app' (FastAPI/ASGI app), 'config' "
@@ -155,7 +205,7 @@ def resolve_source(
     kind = _classify(ns[name], name)
     if name != "app" and kind != name:
         raise UsageError(
-            f"{name!r} is a {type(ns[name]).__name__}; expected a "
+            f"{name!r} is {_a(type(ns[name]).__name__)}; expected a "
             + ("TaskAppConfig." if name == "config" else "function returning a TaskAppConfig.")
         )
     return {kind: ns[name]}
@@ -174,9 +224,14 @@ def _classify(value: Any, label: str) -> str:
     if callable(value):
         return "config_factory" if _takes_no_arguments(value) else "app"
     raise UsageError(
-        f"{label!r} is a {type(value).__name__}, not a FastAPI/ASGI app, a TaskAppConfig or "
+        f"{label!r} is {_a(type(value).__name__)}, not a FastAPI/ASGI app, a TaskAppConfig or "
         "a config factory."
     )
+
+
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article: ``'an int'``, ``'a str'``."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def _takes_no_arguments(fn: Any) -> bool:

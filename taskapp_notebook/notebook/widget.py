@@ -7,8 +7,9 @@ threads and tasks (kernel-facts.md #8). It never owns the app: Start / Stop / Re
 ``app.start()`` / ``app.stop()``, and their errors land in the panel's error line.
 
 Displayed, it offers the widget view plus ``text/html`` and ``text/plain`` fallbacks, so a
-saved notebook or a frontend without widgets still shows a readable summary. Secrets are
-masked everywhere (``redact``).
+saved notebook or a frontend without widgets still shows a readable summary. Every fact it
+shows comes from :mod:`.presenter` (formatted and masked there); this module only lays them
+out and wires the buttons.
 """
 
 from __future__ import annotations
@@ -17,15 +18,14 @@ import html
 import logging
 import re
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 import traitlets
 
-from ..errors import mask_secret
-from ..monitor import HealthMonitor, monitor_for, redact
+from ..monitor import HealthMonitor, monitor_for
 from ..runner import AppState
+from .presenter import AppFacts, error_text, format_uptime, log_lines, plural, present
 
 if TYPE_CHECKING:
     from ..runner import InProcessTaskApp
@@ -41,13 +41,6 @@ _COLORS = {
     "stopped": "#616161",
     "failed": "#c62828",
 }
-_STATE_STATUS = {
-    AppState.STARTING: "starting",
-    AppState.RUNNING: "running",
-    AppState.STOPPING: "stopped",
-    AppState.STOPPED: "stopped",
-    AppState.FAILED: "failed",
-}
 # JupyterLab's theme variables, so the panel reads well in light and dark themes; the
 # fallbacks are for frontends without them (and are what the light theme resolves to)
 _LABEL = "var(--jp-ui-font-color2, #666)"
@@ -56,7 +49,9 @@ _ERROR = "var(--jp-error-color1, #c62828)"
 _BORDER = "var(--jp-border-color2, #ccc)"
 _THEME_VARIABLE = re.compile(r"var\(--[\w-]+, ([^)]+)\)")
 _TRANSITIONS = (AppState.STARTING, AppState.STOPPING)
-_ACTION_TEXT = {"start": "starting…", "stop": "stopping…", "restart": "restarting…"}
+#: The old names of the presenter's formatters, for views built on this one's look.
+_duration = format_uptime
+_count = plural
 #: Once the kernel is gone the view can't be told anything; ipywidgets then marks its views
 #: with ``jupyter-widgets-disconnected``. This rule makes the badge say so instead of showing
 #: the last state it was sent (e.g. "running" after a kernel restart).
@@ -96,7 +91,6 @@ class TaskAppView(traitlets.HasTraits):
         super().__init__(max_lines=max_lines)
         self.app = app
         self._lock = threading.RLock()
-        self._secrets: set[str] = set()
         self._watch_health = monitor
         self._interval = interval
         self.monitor: HealthMonitor | None = None
@@ -107,7 +101,7 @@ class TaskAppView(traitlets.HasTraits):
         self.stop_button = widgets.Button(description="Stop", icon="stop",
                                           tooltip="Stop the task app")
         self.restart_button = widgets.Button(description="Restart", icon="refresh",
-                                             tooltip="Stop, then start the task app")
+                                             tooltip="Stop, then start the task app on its port")
         for button, action in ((self.start_button, "start"), (self.stop_button, "stop"),
                                (self.restart_button, "restart")):
             button.on_click(self._handler(action))
@@ -145,18 +139,21 @@ class TaskAppView(traitlets.HasTraits):
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text("TaskAppView(...)" if cycle else self.summary_text())
 
+    def facts(self) -> AppFacts:
+        """What the panel shows now (from the one presenter)."""
+        return present(self.app, action=self.action)
+
     def summary_text(self) -> str:
         """A plain-text summary (for frontends without widgets)."""
-        app = self.app
-        rows = [f"{app.name}: {self._describe()}"]
-        rows += [f"  {label}: {value}" for label, value in self._rows()]
-        return self._redact("\n".join(rows))
+        return self.facts().text()
 
     def summary_html(self) -> str:
         """A static HTML card (no buttons) for saved notebooks."""
+        facts = self.facts()
         card = (
             f'<div class="taskapp-view" style="border:1px solid {_BORDER};padding:4px 8px">'
-            f"{self._header_html()}{self._info_html(static=True)}{self._log_html()}</div>"
+            f"{self._header_html(facts)}{self._info_html(facts, static=True)}"
+            f"{self._log_html()}</div>"
         )
         # plain colours: HTML sanitizers (JupyterLab's for untrusted output, nbviewer,
         # GitHub) drop a style that uses var(), and their pages don't define the variables
@@ -168,10 +165,8 @@ class TaskAppView(traitlets.HasTraits):
         """Re-render every part from the app's current state (safe from any thread)."""
         with self._lock:
             app = self.app
-            for secret in (app.api_key, app.task_app_worker_token):
-                if secret:
-                    self._secrets.add(secret)
-            self.status = self._status()
+            facts = self.facts()
+            self.status = facts.status
             transition = bool(self.action) or app.state in _TRANSITIONS
             _set(self.start_button, "disabled",
                  transition or app.state is AppState.RUNNING)
@@ -179,18 +174,14 @@ class TaskAppView(traitlets.HasTraits):
                  transition or app.state is not AppState.RUNNING)
             _set(self.restart_button, "disabled",
                  transition or app.state not in (AppState.RUNNING, AppState.FAILED))
-            _set(self.header, "value", self._header_html(live=True))
-            _set(self.info, "value", self._info_html())
+            _set(self.header, "value", self._header_html(facts, live=True))
+            _set(self.info, "value", self._info_html(facts))
             _set(self.error_line, "value", self._error_html())
             _set(self.log, "value", self._log_html())
 
     def log_lines(self) -> list[str]:
         """The lines the log pane shows: lifecycle events and requests, oldest first."""
-        app = self.app
-        lines = list(app.timed_events)
-        lines += [(record.at, record.line()) for record in list(app.stats.recent)]
-        lines.sort(key=lambda item: item[0])
-        return [self._redact(line) for _, line in lines[-self.max_lines:]]
+        return log_lines(self.app, self.max_lines)
 
     def close(self) -> None:
         """Stop observing and close the widgets (the app and its monitor keep running)."""
@@ -203,6 +194,16 @@ class TaskAppView(traitlets.HasTraits):
         for box in self.widget.children:
             box.close()
         self.widget.close()
+
+    def retire(self) -> None:
+        """Close this view and its health monitor: its app was replaced (a re-run)."""
+        monitor = self.monitor
+        try:
+            self.close()
+            if monitor is not None:
+                monitor.close()
+        except Exception:  # noqa: BLE001 - cosmetic; never block the new start
+            logger.debug("Closing the replaced view failed", exc_info=True)
 
     # ------------------------------------------------------------------ observers
 
@@ -245,12 +246,14 @@ class TaskAppView(traitlets.HasTraits):
             self.error = ""
         self.refresh()
         try:
-            if action in ("stop", "restart"):
+            if action == "stop":
                 self.app.stop()
-            if action in ("start", "restart"):
+            elif action == "start":
                 self.app.start()
+            else:
+                self.app.restart()  # the runner's restart: same port, same key
         except Exception as exc:  # noqa: BLE001 - shown in the panel, never lost
-            self.error = self._redact(f"{action.capitalize()} failed: {_describe(exc)}")
+            self.error = f"{action.capitalize()} failed: {error_text(self.app, exc)}"
             logger.info("TaskAppView %s of %r failed", action, self.app.name, exc_info=True)
         finally:
             self.action = ""
@@ -258,61 +261,13 @@ class TaskAppView(traitlets.HasTraits):
 
     # ------------------------------------------------------------------ rendering
 
-    def _status(self) -> str:
-        if self.monitor is not None and not self.monitor.closed:
-            return self.monitor.status
-        return _STATE_STATUS[self.app.state]
-
-    def _describe(self) -> str:
-        app = self.app
-        if self.action:
-            return _ACTION_TEXT.get(self.action, self.action)
-        if app.state is AppState.STOPPING:
-            return "stopping…"
-        if self.monitor is not None and not self.monitor.closed:
-            return self.monitor.describe()
-        if app.state is AppState.FAILED and app.error:
-            return f"failed — {app.error}"
-        return self._status()
-
-    def _rows(self) -> list[tuple[str, str]]:
-        app = self.app
-        monitor = self.monitor
-        tunnel = app.tunnel
-        tunnel_text = app.tunnel_mode
-        if tunnel is not None and app.state is AppState.RUNNING:
-            tunnel_text += f" ({tunnel.status.state})"
-            if tunnel.status.last_error:
-                tunnel_text += f" — last error: {tunnel.status.last_error}"
-        health = monitor.last if monitor is not None and monitor.last else app.health
-        health_text = "—"
-        if health is not None and app.state is AppState.RUNNING:
-            ago = max(0.0, time.time() - health.at)
-            health_text = (f"{health.describe()} · {health.seconds * 1000:.1f} ms · "
-                           f"{_duration(ago)} ago")
-        uptime = app.uptime
-        requests = f"{_count(app.stats.count, 'request')} · {_count(app.stats.errors, 'error')}"
-        rows = [
-            ("public URL", app.url or "—"),
-            ("tunnel", tunnel_text),
-            ("local", f"{app.local_url} (port {app.port}, serve_on "
-                      f"{app.serve_on or app.serve_on_requested})"),
-            ("health", health_text),
-            ("uptime", _duration(uptime) if uptime is not None else "—"),
-            ("requests", requests),
-            ("api key", mask_secret(app.api_key)),
-        ]
-        if app.task_app_worker_token:
-            rows.append(("worker token", mask_secret(app.task_app_worker_token)))
-        return rows
-
-    def _header_html(self, *, live: bool = False) -> str:
+    def _header_html(self, facts: AppFacts, *, live: bool = False) -> str:
         """Name, badge and detail; ``live`` (the widget's header) adds the "disconnected"
         badge that only shows once ipywidgets marks the view disconnected."""
-        status = self._status()
+        status = facts.status
         color = _COLORS.get(status, "#616161")
         # the badge says the status; the text beside it adds the detail
-        detail = self._describe()
+        detail = facts.detail
         if detail.startswith(status):
             detail = detail[len(status):].lstrip(" —")
         return (
@@ -321,16 +276,16 @@ class TaskAppView(traitlets.HasTraits):
             f'<span class="taskapp-badge" data-status="{_esc(status)}" '
             f'style="background:{color};color:white;border-radius:8px;padding:1px 8px">'
             f"{_esc(status)}</span>{_DISCONNECTED_BADGE if live else ''} "
-            f'<span class="taskapp-describe">{_esc(self._redact(detail))}</span></div>'
+            f'<span class="taskapp-describe">{_esc(detail)}</span></div>'
         )
 
-    def _info_html(self, *, static: bool = False) -> str:
+    def _info_html(self, facts: AppFacts, *, static: bool = False) -> str:
         """The detail rows; ``static`` (a saved notebook's card) leaves out the Copy button,
         whose script a notebook viewer would strip."""
         cells = []
-        for label, value in self._rows():
-            if label == "public URL" and self.app.url:
-                url = _esc(self.app.url)
+        for label, value in facts.rows():
+            if label == "public URL" and facts.url:
+                url = _esc(facts.url)
                 shown = (
                     f'<a class="taskapp-url" href="{url}" target="_blank" rel="noopener" '
                     f'style="color:{_LINK};text-decoration:underline">{url}</a>'
@@ -341,7 +296,7 @@ class TaskAppView(traitlets.HasTraits):
                         'onclick="navigator.clipboard.writeText(this.dataset.url)">Copy</button>'
                     )
             else:
-                shown = _esc(self._redact(value))
+                shown = _esc(value)
             cells.append(
                 f'<tr><td style="padding:0 8px 0 0;color:{_LABEL};text-align:left">'
                 f'{_esc(label)}</td><td style="padding:0;text-align:left">{shown}</td></tr>'
@@ -363,38 +318,11 @@ class TaskAppView(traitlets.HasTraits):
             f'font-size:11px;line-height:1.3">{body}</pre>'
         )
 
-    def _redact(self, text: str) -> str:
-        text = redact(self.app, text)
-        for secret in self._secrets:
-            if len(secret) >= 6 and secret in text:
-                text = text.replace(secret, mask_secret(secret))
-        return text
-
 
 def _set(widget: Any, name: str, value: Any) -> None:
     if getattr(widget, name) != value:
         setattr(widget, name, value)
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
 def _esc(text: str) -> str:
     return html.escape(str(text), quote=True)
-
-
-def _duration(seconds: float) -> str:
-    total = int(seconds)
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes:02d}m {secs:02d}s"
-    if minutes:
-        return f"{minutes}m {secs:02d}s"
-    return f"{secs}s" if total else f"{seconds:.1f}s"
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

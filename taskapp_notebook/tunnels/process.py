@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO
 
-from ..errors import TunnelError, mask_secret
+from ..errors import TunnelError, scrub_secrets
 from .base import TunnelContext, TunnelState, TunnelStatus
 
 logger = logging.getLogger(__name__)
@@ -133,11 +133,10 @@ class ManagedProcess:
         with self._lock:
             return list(self._lines)
 
-    def mask(self, text: str) -> str:
-        """``text`` with every secret of this process masked."""
-        for secret in self._secrets:
-            text = text.replace(secret, mask_secret(secret))
-        return text
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The secrets this child was given (masked in its log lines and errors)."""
+        return tuple(self._secrets)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -170,7 +169,7 @@ class ManagedProcess:
     def _read(self, popen: subprocess.Popen[bytes], pipe: IO[bytes]) -> None:
         with pipe:
             for raw in iter(pipe.readline, b""):
-                line = self.mask(raw.decode("utf-8", "replace").rstrip())
+                line = scrub_secrets(raw.decode("utf-8", "replace").rstrip(), self._secrets)
                 if not line:
                     continue
                 with self._lock:
@@ -309,7 +308,7 @@ class SubprocessTunnel:
         """A TunnelError carrying the child's last lines; sets status DOWN."""
         lines = self.process.log_lines() if self.process is not None else []
         if self.process is not None:
-            message = self.process.mask(message)
+            message = scrub_secrets(message, self.process.secrets)
         final = TunnelState.CLOSED if self._closed else TunnelState.DOWN
         self.status.set(final, message.splitlines()[0])
         return TunnelError(message, log_lines=lines)

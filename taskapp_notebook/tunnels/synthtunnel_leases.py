@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from ..errors import TunnelError, mask_secret
+from ..errors import TunnelError, mask_secret, scrub_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -230,12 +230,8 @@ def parse_lease(data: Any, server_date: str | None = None) -> Lease:
     )
 
 
-def scrub(text: str, secrets_: tuple[str | None, ...]) -> str:
-    """Replace every secret value found in ``text`` with its masked form."""
-    for secret in secrets_:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, mask_secret(secret))
-    return text
+#: The one masking function (errors.scrub_secrets), under the name this package's code uses.
+scrub = scrub_secrets
 
 
 def describe_problem(response: httpx.Response) -> str:

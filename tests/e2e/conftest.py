@@ -45,14 +45,22 @@ MISSING = _missing()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every browser test is skipped, saying why and how to fix it, when a part is missing
-    (``scripts/test`` installs them all, so CI never skips)."""
-    if MISSING is None:
+    """Every browser test is skipped, saying why and how to fix it, when a part is missing —
+    except under CI=true, where each one fails saying so (``pytest_runtest_setup``)."""
+    if MISSING is None or os.environ.get("CI") == "true":
         return
     skip = pytest.mark.skip(reason=f"{MISSING}; run scripts/install-browser-deps")
     for item in items:
         if "browser" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Under CI=true a browser test with a part missing fails before any fixture starts."""
+    if MISSING is not None and os.environ.get("CI") == "true" and "browser" in item.keywords:
+        pytest.fail(f"{MISSING}: CI=true runs the browser tests; scripts/install-browser-deps "
+                    "installs what they need.", pytrace=False)
 
 
 @pytest.fixture(scope="session")

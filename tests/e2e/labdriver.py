@@ -8,6 +8,7 @@ buttons. Every wait is on a state (a selector, a kernel status, a port), never a
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -19,7 +20,9 @@ from typing import Any
 import httpx
 
 REPO = Path(__file__).resolve().parents[2]
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+#: Debian's chromium; TASKAPP_CHROMIUM names another binary (a path or a name on PATH).
+CHROMIUM = (shutil.which(os.environ.get("TASKAPP_CHROMIUM", "chromium"))
+            or os.environ.get("TASKAPP_CHROMIUM") or "/usr/bin/chromium")
 TOKEN = "e2e-test-token-4b1d"
 #: The task apps' key in the kernels the servers start (``ENVIRONMENT_API_KEY``).
 APP_KEY = "e2e-environment-api-key-0123456789"
