@@ -81,6 +81,9 @@ class RunView:
         self._closed = False
         self._pending: ProgressSnapshot | None = None
         self._timer: threading.Timer | None = None
+        self._generation = 0
+        self._ticking = False  # the scheduled redraw is only a tick of the elapsed time
+        self._redrawing = False
         self._last_render = 0.0
         self._final_published = False
         self._handles: list[Any] = []
@@ -215,37 +218,45 @@ class RunView:
             if self._closed:
                 return
             self._pending = snap
-            if self._timer is None:
-                self._schedule(max(0.0, self._last_render + self.min_interval - time.monotonic()))
+            if self._timer is not None and (self._redrawing or not self._ticking):
+                return  # the scheduled or running redraw picks this snapshot up
+            delay = max(0.0, self._last_render + self.min_interval - time.monotonic())
+            self._schedule(delay, tick=False)
 
-    def _schedule(self, delay: float) -> None:
-        # caller holds the lock
-        timer = threading.Timer(delay, self._redraw)
+    def _schedule(self, delay: float, *, tick: bool) -> None:
+        """Replace the scheduled redraw (caller holds the lock)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._generation += 1
+        timer = threading.Timer(delay, self._redraw, args=(self._generation,))
         timer.name = "taskapp-run-view-redraw"
         timer.daemon = True
-        self._timer = timer
+        self._timer, self._ticking = timer, tick
         timer.start()
 
-    def _redraw(self) -> None:
+    def _redraw(self, generation: int) -> None:
         with self._lock:
+            if self._closed or generation != self._generation:
+                return  # closed, or superseded by a sooner redraw
+            self._redrawing = True
             snap, self._pending = self._pending, None
-            if self._closed:
-                return
         current = self.progress.snapshot()
-        if snap is None:  # a tick: only the elapsed time moved
-            with self._render_lock:
-                self._render_header(current)
-        else:
-            self._render()
-        with self._lock:
-            self._last_render = time.monotonic()
-            self._timer = None
-            if self._closed:
-                return
-            if self._pending is not None:
-                self._schedule(self.min_interval)
-            elif not current.is_final:
-                self._schedule(self.tick_interval)
+        try:
+            if snap is None:  # a tick: only the elapsed time moved
+                with self._render_lock:
+                    self._render_header(current)
+            else:
+                self._render()
+        finally:
+            with self._lock:
+                self._redrawing = False
+                self._last_render = time.monotonic()
+                self._timer = None
+                if not self._closed:
+                    if self._pending is not None:
+                        self._schedule(self.min_interval, tick=False)
+                    elif not current.is_final:
+                        self._schedule(self.tick_interval, tick=True)
 
     def _state(self, snap: ProgressSnapshot) -> str:
         if self.stop_requested and not snap.is_final:
