@@ -260,7 +260,7 @@ def candidates_html(snapshot: ProgressSnapshot, top: int = TOP_CANDIDATES) -> st
     foot = (f'<div style="color:{LABEL};font-size:11px">top {len(rows)} shown, '
             f"{more} more</div>" if more > 0 else "")
     return (
-        f'{title}<div style="max-height:13em;overflow:auto">'
+        f'{title}<div style="max-height:15em;overflow:auto">'
         '<table class="taskapp-run-candidates" style="border-collapse:collapse;font-size:12px">'
         f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>{foot}"
     )

@@ -265,7 +265,7 @@ class RunView:
 
     def _render_header(self, snap: ProgressSnapshot) -> None:
         try:
-            _set(self.header, "value", _DISCONNECTED + header_html(snap, self._state(snap)))
+            _set(self.header, "value", _live(_DISCONNECTED + header_html(snap, self._state(snap))))
         except Exception:  # a view bug must never break the run
             logger.exception("RunView header render failed")
 
@@ -279,11 +279,11 @@ class RunView:
         try:
             state = self._state(snap)
             self._render_header(snap)
-            _set(self.stats, "value", stats_html(snap, state))
-            _set(self.plot, "value", plot_html(snap))
-            _set(self.candidates, "value", candidates_html(snap))
-            _set(self.diff, "value", diff_html(snap))
-            _set(self.message, "value", message_html(snap, self.error))
+            _set(self.stats, "value", _live(stats_html(snap, state)))
+            _set(self.plot, "value", _live(plot_html(snap)))
+            _set(self.candidates, "value", _live(candidates_html(snap)))
+            _set(self.diff, "value", _live(diff_html(snap)))
+            _set(self.message, "value", _live(message_html(snap, self.error)))
             stoppable = self.on_stop is not None and not snap.is_final
             _set(self.stop_button, "disabled", not stoppable or self.stop_requested)
             label = "stopping…" if self.stop_requested and not snap.is_final else self.stop_label
@@ -309,6 +309,14 @@ class RunView:
                 handle.update(bundle, raw=True)
             except Exception:  # noqa: BLE001 - no kernel (plain Python): nothing to update
                 logger.debug("display update of the final run card failed", exc_info=True)
+
+
+def _live(markup: str) -> str:
+    """A section for an ``HTML`` widget: its own line height (ipywidgets sets one for
+    single-line labels) and the card's font size."""
+    if not markup:
+        return ""
+    return f'<div style="line-height:1.4;font-size:13px">{markup}</div>'
 
 
 def _set(widget: Any, name: str, value: Any) -> None:
