@@ -98,6 +98,11 @@ def test_word_diff_counts_and_bounds() -> None:
     assert (added, removed) == (2, 1)
     assert '<del class="taskapp-diff-del"' in body and ">quick</del>" in body
     assert ">slow</ins>" in body
+    body, added, removed = prompt_diff.text_diff("Be brief.\nSolve <it>.\nEnd.",
+                                                 "Be brief.\nRead twice.\nSolve <it> now.\nEnd.")
+    assert (added, removed) == (4, 0)
+    assert ">Read twice.\n</ins>Solve &lt;it&gt;<ins" in body  # a whole new line, then a word
+    assert ">Be brief.\n" not in body and body.startswith("Be brief.\n")
     huge_seed = "word " * 20_000
     huge = prompt_diff.prompt_diff({"p": huge_seed}, {"p": huge_seed + "extra"})
     assert len(huge) < 3 * prompt_diff.MAX_CHARS

@@ -196,3 +196,26 @@ def test_saved_notebook_keeps_the_final_card(tmp_path: Path) -> None:
     assert "30 / 400" in card and "0.900" in card
     assert "var(" not in card and "<style" not in card
     assert text.startswith("local gepa · kernel-demo: succeeded · iteration 15")
+
+
+def test_async_on_stop_runs_on_the_kernel_loop(kernel: Kernel) -> None:
+    """A hosted job's cancel is a coroutine: the view awaits it on the kernel's own loop."""
+    clicked = kernel.stdout(PRODUCER + """
+import asyncio
+seen = []
+
+async def cancel():
+    await asyncio.sleep(0)
+    seen.append(asyncio.get_running_loop() is kernel_loop)
+    progress.update(state="cancelled", message="job cancelled")
+
+kernel_loop = asyncio.get_running_loop()
+hosted = RunView(progress, on_stop=cancel, stop_label="Cancel")
+progress.update(state="running")
+hosted.stop_button.click()  # in-kernel click: returns while the loop is still busy here
+print(hosted.stop_button.description, progress.snapshot().state)
+""")
+    assert clicked.strip() == "stopping… running", clicked
+    out = kernel.stdout("await asyncio.sleep(0.5)\nprint(seen, "
+                        "progress.snapshot().state, hosted.stop_button.disabled)")
+    assert out.strip() == "[True] cancelled True", out

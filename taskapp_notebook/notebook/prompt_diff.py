@@ -1,7 +1,7 @@
-"""The best prompt shown as a word-level diff against the seed, per component.
+"""The best prompt shown as a diff against the seed, per component.
 
-``difflib`` on word and whitespace tokens (newlines are tokens too, so multi-line prompts
-keep their lines); every piece of prompt text is HTML-escaped — prompts can contain HTML.
+``difflib`` on lines, then on the words of changed lines (whitespace kept, so the text
+keeps its layout); every piece of prompt text is HTML-escaped — prompts can contain HTML.
 Bounded: each component is cut at :data:`MAX_CHARS` before diffing and long unchanged runs
 are shortened to their ends, so a huge prompt never produces a huge widget message.
 """
@@ -39,6 +39,20 @@ def _equal(text: str) -> str:
     )
 
 
+def _ins(text: str) -> str:
+    return (f'<ins class="taskapp-diff-ins" style="background:{INSERTED};'
+            f'text-decoration:none">{esc(text)}</ins>')
+
+
+def _del(text: str) -> str:
+    return (f'<del class="taskapp-diff-del" style="background:{DELETED};'
+            f'text-decoration:line-through">{esc(text)}</del>')
+
+
+def _words(text: str) -> int:
+    return sum(1 for token in _TOKEN.findall(text) if not token.isspace())
+
+
 def word_diff(seed: str, best: str) -> tuple[str, int, int]:
     """HTML of ``best`` against ``seed`` (``<ins>``/``<del>``), words added, words removed."""
     old, new = _TOKEN.findall(seed), _TOKEN.findall(best)
@@ -50,17 +64,38 @@ def word_diff(seed: str, best: str) -> tuple[str, int, int]:
             out.append(_equal("".join(old[i1:i2])))
             continue
         if i2 > i1:
-            removed += sum(1 for t in old[i1:i2] if not t.isspace())
-            out.append(
-                f'<del class="taskapp-diff-del" style="background:{DELETED};'
-                f'text-decoration:line-through">{esc("".join(old[i1:i2]))}</del>'
-            )
+            removed += _words("".join(old[i1:i2]))
+            out.append(_del("".join(old[i1:i2])))
         if j2 > j1:
-            added += sum(1 for t in new[j1:j2] if not t.isspace())
-            out.append(
-                f'<ins class="taskapp-diff-ins" style="background:{INSERTED};'
-                f'text-decoration:none">{esc("".join(new[j1:j2]))}</ins>'
-            )
+            added += _words("".join(new[j1:j2]))
+            out.append(_ins("".join(new[j1:j2])))
+    return "".join(out), added, removed
+
+
+def text_diff(seed: str, best: str) -> tuple[str, int, int]:
+    """Like :func:`word_diff`, by lines first when the texts have several: added and
+    removed lines show whole, a run of changed lines shows its changed words."""
+    if "\n" not in seed and "\n" not in best:
+        return word_diff(seed, best)
+    old, new = seed.splitlines(keepends=True), best.splitlines(keepends=True)
+    matcher = difflib.SequenceMatcher(None, old, new, autojunk=False)
+    out: list[str] = []
+    added = removed = 0
+    for op, i1, i2, j1, j2 in matcher.get_opcodes():
+        if op == "equal":
+            out.append(_equal("".join(old[i1:i2])))
+            continue
+        gone, fresh = "".join(old[i1:i2]), "".join(new[j1:j2])
+        if gone and fresh:  # changed lines: their words
+            body, more, fewer = word_diff(gone, fresh)
+            out.append(body)
+            added, removed = added + more, removed + fewer
+        elif gone:
+            removed += _words(gone)
+            out.append(_del(gone))
+        else:
+            added += _words(fresh)
+            out.append(_ins(fresh))
     return "".join(out), added, removed
 
 
@@ -73,7 +108,7 @@ def prompt_diff(seed: Mapping[str, str], best: Mapping[str, str]) -> str:
     for name in names:
         old, old_cut = _cut(seed.get(name, ""))
         new, new_cut = _cut(best.get(name, ""))
-        body, added, removed = word_diff(old, new)
+        body, added, removed = text_diff(old, new)
         if old == new:
             summary = "unchanged"
         else:

@@ -234,6 +234,8 @@ def candidates_html(snapshot: ProgressSnapshot, top: int = TOP_CANDIDATES) -> st
         f"{h}</th>"
         for h in ("candidate", "iter", "score", "parents", "front")
     )
+    scores = [c.score for c in rows if c.score is not None]
+    low, high = (min(scores), max(scores)) if scores else (0.0, 0.0)
     body = []
     for c in rows:
         best = c.id == snapshot.best_candidate_id
@@ -252,7 +254,7 @@ def candidates_html(snapshot: ProgressSnapshot, top: int = TOP_CANDIDATES) -> st
             f' data-best="{str(best).lower()}"{style}>'
             f'<td style="{cell}" title="{esc(c.id)}">{esc(_short(c.id, 14))}{tag}</td>'
             f'<td style="{cell}">{c.iteration}</td>'
-            f'<td style="{cell}">{esc(score(c.score))}</td>'
+            f'<td style="{cell}">{esc(score(c.score))}{_score_bar(c.score, low, high)}</td>'
             f'<td style="{cell}" title="{esc(", ".join(c.parents))}">{esc(parents) or "—"}</td>'
             f'<td style="{cell}">{"●" if c.on_front else ""}</td></tr>'
         )
@@ -263,6 +265,17 @@ def candidates_html(snapshot: ProgressSnapshot, top: int = TOP_CANDIDATES) -> st
         f'{title}<div style="max-height:15em;overflow:auto">'
         '<table class="taskapp-run-candidates" style="border-collapse:collapse;font-size:12px">'
         f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>{foot}"
+    )
+
+
+def _score_bar(value: float | None, low: float, high: float) -> str:
+    """A small bar after a score: its place between the lowest and highest shown."""
+    if value is None:
+        return ""
+    width = 4 + (40 * (value - low) / (high - low) if high > low else 40)
+    return (
+        f'<span style="display:inline-block;width:{width:.0f}px;height:6px;margin-left:6px;'
+        f'background:{ACCENT};opacity:0.55;border-radius:2px;vertical-align:middle"></span>'
     )
 
 
