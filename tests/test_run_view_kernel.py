@@ -193,6 +193,9 @@ def test_saved_notebook_keeps_the_final_card(tmp_path: Path) -> None:
     # the card shows the end of the run, not the moment the cell ran
     assert 'data-state="succeeded"' in card and "budget used up" in card
     assert polyline_points(card) == 15
+    # and the bar chart a sanitizer leaves when it drops the SVG: one bar per iteration
+    bars = card[card.index('class="taskapp-run-bars"'):card.index("</foreignObject>")]
+    assert bars.count("<div style=") == 15
     assert "30 / 400" in card and "0.900" in card
     assert "var(" not in card and "<style" not in card
     assert text.startswith("local gepa · kernel-demo: succeeded · iteration 15")

@@ -4,7 +4,8 @@ No plotting library: the chart is a few dozen bytes of SVG per point, so it work
 widget (an ``HTML`` widget's value), in the static card of a saved notebook and in exported
 HTML, without adding a dependency to every install. The SVG holds shapes only — the axis
 labels sit in HTML around it — so an HTML sanitizer that drops ``<svg>`` (JupyterLab's, for
-untrusted notebooks) leaves no stray text behind.
+untrusted notebooks) leaves no stray text behind; what it leaves is a bar chart of plain
+``<div>`` s that the SVG carries hidden for that case.
 
 What it draws: the best score so far per iteration (a polyline, class ``taskapp-run-best``),
 every evaluated candidate as a dot at its iteration, and the seed's score as a dashed line.
@@ -21,6 +22,8 @@ HEIGHT = 140
 _PAD = 6
 #: Most points a polyline or the dot cloud gets (older ones are thinned out evenly).
 MAX_POINTS = 400
+#: Most columns of the sanitizer fallback's bar chart.
+MAX_BARS = 90
 
 
 def _thin(points: Sequence[tuple[float, float]], limit: int) -> list[tuple[float, float]]:
@@ -38,6 +41,23 @@ def _bounds(values: Sequence[float]) -> tuple[float, float]:
         return low - margin, high + margin
     margin = (high - low) * 0.08
     return low - margin, high + margin
+
+
+def _fallback(points: Sequence[tuple[float, float]], low: float, high: float) -> str:
+    """The best score per iteration as a bar chart of plain ``<div>`` s, inside a zero-size,
+    hidden ``foreignObject``: invisible wherever the SVG is drawn; where a sanitizer drops
+    ``<svg>`` (JupyterLab, untrusted notebook) the divs remain and take the chart's place."""
+    bars = "".join(
+        f'<div style="flex:1 1 0;min-width:1px;height:{(y - low) / (high - low) * 100:.1f}%;'
+        f'background:{ACCENT};opacity:0.8"></div>'
+        for _, y in _thin(points, MAX_BARS)
+    )
+    return (
+        '<foreignObject width="0" height="0" visibility="hidden">'
+        f'<div class="taskapp-run-bars" style="display:flex;align-items:flex-end;gap:1px;'
+        f'height:{HEIGHT}px;width:{WIDTH}px;border-bottom:1px solid {BORDER}">{bars}</div>'
+        "</foreignObject>"
+    )
 
 
 def score_plot(
@@ -95,6 +115,7 @@ def score_plot(
         )
         cx, cy = at(*shown[-1]).split(",")
         parts.append(f'<circle cx="{cx}" cy="{cy}" r="3.5" style="fill:{ACCENT}"/>')
+    parts.append(_fallback(points, y_low, y_high))
     parts.append("</svg>")
     label = f"color:{LABEL};font-size:11px;line-height:1"
     y_axis = (

@@ -18,6 +18,7 @@ from typing import Any
 import nbformat
 import pytest
 from labdriver import JupyterServer, Page, wait_for
+from nbclient import NotebookClient
 from test_lab import contrast, unexpected_errors
 
 pytestmark = [pytest.mark.browser, pytest.mark.kernel, pytest.mark.timeout(300)]
@@ -136,6 +137,8 @@ def test_run_view_live_in_jupyterlab(lab: JupyterServer, page: Page) -> None:
     view.locator("ins.taskapp-diff-ins").first.wait_for(timeout=30_000)
     assert view.locator(".taskapp-run-candidate[data-best='true']").count() == 1
     assert "<" not in view.locator(".taskapp-diff-text").inner_text().replace("<number>", "")
+    # the sanitizer fallback the SVG carries stays invisible where the SVG is drawn
+    assert view.locator(".taskapp-run-bars").is_hidden()
     wait_for(lambda: points(view) >= 14, 60, "a dozen iterations for the screenshot")
     ratios = view_contrasts(page, view)
     print(f"light theme contrast ratios: {ratios}")
@@ -169,4 +172,40 @@ def test_run_view_live_in_jupyterlab(lab: JupyterServer, page: Page) -> None:
             "() => window.jupyterapp.commands.execute('apputils:change-theme',"
             " {theme: 'JupyterLab Light'})")
     assert re.fullmatch(r"'?stopped'?", page.evaluate_in_kernel("progress.snapshot().state"))
+    assert unexpected_errors(page.console_errors) == [], page.console_errors
+
+
+def test_saved_run_card_in_jupyterlab(lab: JupyterServer, page: Page) -> None:
+    """Executed by nbclient without widget state (as papermill or ``nbconvert --execute``
+    leave it): JupyterLab shows the sanitized HTML card with the final figures; its
+    sanitizer drops the SVG, and the bar chart the SVG carries for that case takes its
+    place."""
+    folder = lab.root / "saved-run"
+    folder.mkdir()
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {
+        "display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}})
+    nb.cells = [
+        nbformat.v4.new_code_cell(SETUP),
+        nbformat.v4.new_code_cell(RUN.replace("(45, 0.25)", "(20, 0.01)")),
+        nbformat.v4.new_code_cell("thread.join()\nview.refresh()"),
+    ]
+    NotebookClient(nb, timeout=120, kernel_name="python3", store_widget_state=False,
+                   resources={"metadata": {"path": str(folder)}}).execute()
+    nbformat.write(nb, folder / "executed.ipynb")
+
+    page.open(lab, "saved-run/executed.ipynb")
+    card = page.cell(1).locator(".jp-OutputArea-output div.taskapp-run-view")
+    card.wait_for(timeout=30_000)
+    text = card.inner_text()
+    assert "gsm8k-tutor" in text and "succeeded" in text and "240 / 600" in text, text
+    assert card.locator("svg").count() == 0  # the sanitizer dropped it ...
+    bars = card.locator(".taskapp-run-bars > div")
+    assert bars.count() == 20 and card.locator(".taskapp-run-bars").is_visible()  # ... not this
+    assert card.locator(".taskapp-run-candidate").count() in (10, 11)  # top 10 and the seed
+    # (the sanitizer drops data-* attributes: look at what the rows say)
+    assert card.locator(".taskapp-run-candidate", has_text="(seed)").count() == 1
+    assert card.locator(".taskapp-run-candidate", has_text="(best)").count() == 1
+    assert card.locator("ins.taskapp-diff-ins").count() >= 1
+    assert "Error displaying widget" not in page.page.inner_text(f"#{page.panel_id}")
+    card.screenshot(path=str(page.screenshots / "gepa-view-saved.png"))
     assert unexpected_errors(page.console_errors) == [], page.console_errors
