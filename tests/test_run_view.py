@@ -9,6 +9,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import ipywidgets as widgets
@@ -273,5 +274,20 @@ def test_mimebundle_has_widget_html_and_text(progress: RunProgress) -> None:
         assert bundle["text/plain"] == render_run_text(progress.snapshot())
         assert isinstance(view.widget, widgets.VBox)
         assert "taskapp-run-svg" in view.plot.value and "var(--jp-" in view.stats.value
+    finally:
+        view.close()
+
+
+def test_readme_run_view_block_runs_as_printed() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## The run view"):]
+    code = section[section.index("```python\n") + 10:section.index("```\n", 10)]
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    view = namespace["view"]
+    try:
+        assert isinstance(view, RunView) and view.stop_label == "Stop"
+        assert not view.stop_button.disabled  # a pending run with an on_stop can be stopped
+        assert view.progress.snapshot().name == "my-run"
     finally:
         view.close()
