@@ -73,7 +73,8 @@ def test_static_card_shows_final_figures_and_survives_sanitizers(progress: RunPr
     assert "48 / 200" in card and "152 left" in card
     points = re.search(r'class="taskapp-run-best" points="([^"]+)"', card)
     assert points is not None and len(points.group(1).split()) == 12
-    assert card.count('class="taskapp-run-dot"') == 13  # every scored candidate
+    dots = card[card.index('class="taskapp-run-dots"'):]
+    assert dots[:dots.index("</g>")].count("<circle") == 13  # every scored candidate
     assert "taskapp-run-seed" in card
     # plain colours, nothing a sanitizer strips with its content, no text inside the SVG
     assert "var(" not in card and "<style" not in card and "onclick" not in card
@@ -130,6 +131,10 @@ def test_plot_is_bounded_and_handles_flat_and_empty_histories() -> None:
     flat = run_plot.score_plot([(0, 0.5)], [], 0.5)
     assert "nan" not in flat.lower() and "taskapp-run-best" in flat
     assert "no scores yet" in run_plot.score_plot([], [], None)
+    many_dots = run_plot.score_plot(history[:10], history, 0.0)
+    assert many_dots.count("<circle") == run_plot.MAX_DOTS + 1  # the dots and the last point
+    bars = many_dots[many_dots.index("taskapp-run-bars"):]
+    assert bars.count("<div") == 10 + 1
 
 
 def test_text_and_no_credentials_anywhere(progress: RunProgress) -> None:
@@ -274,6 +279,9 @@ def test_mimebundle_has_widget_html_and_text(progress: RunProgress) -> None:
         assert bundle["text/plain"] == render_run_text(progress.snapshot())
         assert isinstance(view.widget, widgets.VBox)
         assert "taskapp-run-svg" in view.plot.value and "var(--jp-" in view.stats.value
+        # the live widget's HTML is never sanitized: no need for the bar-chart fallback
+        assert "taskapp-run-bars" not in view.plot.value
+        assert "taskapp-run-bars" in bundle["text/html"]
     finally:
         view.close()
 

@@ -20,10 +20,11 @@ from .run_style import ACCENT, BORDER, LABEL, SEED
 WIDTH = 360
 HEIGHT = 140
 _PAD = 6
-#: Most points a polyline or the dot cloud gets (older ones are thinned out evenly).
+#: Most points the polyline gets, and most candidate dots (thinned out evenly).
 MAX_POINTS = 400
+MAX_DOTS = 250
 #: Most columns of the sanitizer fallback's bar chart.
-MAX_BARS = 90
+MAX_BARS = 60
 
 
 def _thin(points: Sequence[tuple[float, float]], limit: int) -> list[tuple[float, float]]:
@@ -64,8 +65,13 @@ def score_plot(
     history: Sequence[tuple[int, float]],
     dots: Sequence[tuple[int, float]] = (),
     seed_score: float | None = None,
+    *,
+    fallback: bool = True,
 ) -> str:
-    """HTML with the SVG chart and its axis labels; a short note when there is nothing yet."""
+    """HTML with the SVG chart and its axis labels; a short note when there is nothing yet.
+
+    ``fallback`` adds the bar chart for sanitizers that drop SVG (the static card needs it;
+    the live widget, whose HTML is never sanitized, does not)."""
     if not history and not dots:
         return (
             f'<div class="taskapp-run-plot" style="color:{LABEL};font-size:12px;'
@@ -100,11 +106,13 @@ def score_plot(
             f'<polyline class="taskapp-run-seed" points="{left} {right}" '
             f'style="fill:none;stroke:{SEED};stroke-width:1.5;stroke-dasharray:5 4"/>'
         )
-    for x, y in _thin(cloud, MAX_POINTS):
-        cx, cy = at(x, y).split(",")
+    if cloud:
+        circles = "".join(
+            '<circle cx="{}" cy="{}" r="2.5"/>'.format(*at(x, y).split(","))
+            for x, y in _thin(cloud, MAX_DOTS)
+        )
         parts.append(
-            f'<circle class="taskapp-run-dot" cx="{cx}" cy="{cy}" r="2.5" '
-            f'style="fill:{ACCENT};opacity:0.35"/>'
+            f'<g class="taskapp-run-dots" style="fill:{ACCENT};opacity:0.35">{circles}</g>'
         )
     if points:
         shown = _thin(points, MAX_POINTS)
@@ -115,7 +123,8 @@ def score_plot(
         )
         cx, cy = at(*shown[-1]).split(",")
         parts.append(f'<circle cx="{cx}" cy="{cy}" r="3.5" style="fill:{ACCENT}"/>')
-    parts.append(_fallback(points, y_low, y_high))
+    if fallback and points:
+        parts.append(_fallback(points, y_low, y_high))
     parts.append("</svg>")
     label = f"color:{LABEL};font-size:11px;line-height:1"
     y_axis = (

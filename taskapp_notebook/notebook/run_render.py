@@ -180,8 +180,8 @@ def stats_html(snapshot: ProgressSnapshot, state: str | None = None) -> str:
     )
 
 
-def plot_html(snapshot: ProgressSnapshot) -> str:
-    """Section title and the score plot."""
+def plot_html(snapshot: ProgressSnapshot, *, fallback: bool = True) -> str:
+    """Section title, the score plot (``fallback``: see ``run_plot.score_plot``), legend."""
     dots = [(c.iteration, c.score) for c in snapshot.candidates if c.score is not None]
     legend = (
         f'<div style="color:{LABEL};font-size:11px;margin-top:2px">'
@@ -191,7 +191,7 @@ def plot_html(snapshot: ProgressSnapshot) -> str:
     )
     return (
         _section_title("best score per iteration")
-        + score_plot(snapshot.score_history, dots, snapshot.seed_score)
+        + score_plot(snapshot.score_history, dots, snapshot.seed_score, fallback=fallback)
         + legend
     )
 

@@ -280,7 +280,7 @@ class RunView:
             state = self._state(snap)
             self._render_header(snap)
             _set(self.stats, "value", _live(stats_html(snap, state)))
-            _set(self.plot, "value", _live(plot_html(snap)))
+            _set(self.plot, "value", _live(plot_html(snap, fallback=False)))
             _set(self.candidates, "value", _live(candidates_html(snap)))
             _set(self.diff, "value", _live(diff_html(snap)))
             _set(self.message, "value", _live(message_html(snap, self.error)))
