@@ -299,3 +299,22 @@ def test_readme_run_view_block_runs_as_printed() -> None:
         assert view.progress.snapshot().name == "my-run"
     finally:
         view.close()
+
+
+def test_elapsed_time_ticks_while_running_only(progress: RunProgress) -> None:
+    def redraw_threads() -> int:
+        return sum(t.name == "taskapp-run-view-redraw" for t in threading.enumerate())
+
+    view = RunView(progress)
+    try:
+        time.sleep(0.3)
+        assert redraw_threads() == 0  # pending: nothing to tick
+        progress.update(state="running", started_at=time.time() - 5)
+        assert wait_for(lambda: "5s elapsed" in view.header.value, 5)
+        # no update from the producer, yet the elapsed time moves on
+        assert wait_for(lambda: "6s elapsed" in view.header.value, 5)
+        progress.update(state="succeeded", finished_at=time.time())
+        assert wait_for(lambda: 'data-state="succeeded"' in view.header.value)
+        assert wait_for(lambda: redraw_threads() == 0)
+    finally:
+        view.close()

@@ -4,9 +4,10 @@ It observes a :class:`~taskapp_notebook.progress.RunProgress` and never owns the
 Stop / Cancel button calls the producer's ``on_stop``. Producers update the progress from
 any thread; the view only stores the latest snapshot there and redraws on a short-lived
 timer thread at most :attr:`RunView.min_interval` apart (the final state always drawn), by
-assigning ``HTML.value`` — which reaches the frontend from threads while the kernel is idle
-(``docs/kernel-facts.md``, "widgets update from background code"). A render error is logged
-and shown, never raised into the producer.
+assigning ``HTML.value``, which reaches the frontend from threads while the kernel is idle
+(``tests/test_run_view_kernel.py`` shows it in a real kernel). While the run is under way a
+tick each second keeps the elapsed time current. A render error is logged and shown, never
+raised into the producer.
 
 Displayed, it shows the widget plus a ``text/html`` card and ``text/plain``. IPython
 displays it with a display id; when the run ends the output is updated once, so a saved
@@ -255,7 +256,7 @@ class RunView:
                 if not self._closed:
                     if self._pending is not None:
                         self._schedule(self.min_interval, tick=False)
-                    elif not current.is_final:
+                    elif current.started_at is not None and not current.is_final:
                         self._schedule(self.tick_interval, tick=True)
 
     def _state(self, snap: ProgressSnapshot) -> str:
