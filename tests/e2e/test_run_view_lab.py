@@ -5,7 +5,8 @@ A cell displays a RunView fed by a stand-in producer thread in the kernel (a sim
 run, named as such: it proposes prompt edits and scores them with a seeded random
 generator). After the cell returned, the plot's SVG polyline grows, the candidates table
 fills and the best prompt's diff shows; the texts meet WCAG AA contrast in the light and
-the dark theme; Stop reaches ``on_stop`` in the kernel and the badge turns "stopped".
+the dark theme; Stop reaches ``on_stop`` in the kernel and the badge turns "stopped"; after
+a kernel restart the badge says "disconnected".
 The light-theme screenshot (``gepa-view.png`` in the screenshot directory) is the one in
 ``docs/``.
 """
@@ -170,6 +171,11 @@ def test_run_view_live_in_jupyterlab(lab: JupyterServer, page: Page) -> None:
             "() => window.jupyterapp.commands.execute('apputils:change-theme',"
             " {theme: 'JupyterLab Light'})")
     assert re.fullmatch(r"'?stopped'?", page.evaluate_in_kernel("progress.snapshot().state"))
+
+    # after a kernel restart the view can't be updated: its badge says so
+    page.restart_kernel()
+    view.locator(".taskapp-gone").wait_for(state="visible", timeout=30_000)
+    assert view.locator(".taskapp-run-badge").is_hidden()
     assert unexpected_errors(page.console_errors) == [], page.console_errors
 
 
