@@ -53,6 +53,10 @@ def simulate(progress: RunProgress, iterations: int, *, delay: float = 0.0,
 
 def all_widgets(root: Any) -> Iterator[Any]:
     yield root
+    for name in ("layout", "style"):
+        part = getattr(root, name, None)
+        if isinstance(part, widgets.Widget):
+            yield part
     for child in getattr(root, "children", ()):
         yield from all_widgets(child)
 

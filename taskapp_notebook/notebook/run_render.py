@@ -232,7 +232,7 @@ def candidates_html(snapshot: ProgressSnapshot, top: int = TOP_CANDIDATES) -> st
     head = "".join(
         f'<th style="{cell};color:{LABEL};font-weight:normal;border-bottom:1px solid {BORDER}">'
         f"{h}</th>"
-        for h in ("candidate", "iter", "score", "parents", "front")
+        for h in ("candidate", "iter", "score", "parents", "Pareto")
     )
     scores = [c.score for c in rows if c.score is not None]
     low, high = (min(scores), max(scores)) if scores else (0.0, 0.0)

@@ -167,6 +167,9 @@ class RunView:
             timer.cancel()
         for child in (self.header, self.stop_button, self.stats, self.plot, self.candidates,
                       self.diff, self.message, *self._boxes, self.widget):
+            for part in (getattr(child, "layout", None), getattr(child, "style", None)):
+                if isinstance(part, widgets.Widget):
+                    part.close()
             child.close()
 
     @property
