@@ -1,0 +1,139 @@
+"""``start_gepa`` (returns at once) and ``optimize`` (waits): the entry points of local GEPA."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidParameterError
+from .errors import require_gepa
+from .options import ModelFunction, RunOptions, Upstream, build_options, check_http_url
+from .reflection import resolve_reflection_lm
+from .results import GepaResult
+from .run import GepaRun, check_can_block
+from .target import resolve_target
+
+logger = logging.getLogger(__name__)
+
+
+def start_gepa(
+    task_app: Any,
+    *,
+    seed_candidate: str | Mapping[str, str],
+    train: Sequence[int] | Sequence[Mapping[str, Any]],
+    reflection_lm: Any,
+    max_metric_calls: int,
+    val: Sequence[int] | Sequence[Mapping[str, Any]] | None = None,
+    upstream: Upstream | str | ModelFunction | None = None,
+    time_limit: float | None = None,
+    score_threshold: float | None = None,
+    concurrency: int = 8,
+    run_dir: str | Path | None = None,
+    seed: int = 0,
+    api_key: str | None = None,
+    worker_token: str | None = None,
+    through_tunnel: bool = False,
+    deliver_components: bool = False,
+    model: str | None = None,
+    policy_config: Mapping[str, Any] | None = None,
+    env_name: str | None = None,
+    rollout_timeout: float = 300.0,
+    reflection_minibatch_size: int = 3,
+    gepa_options: Mapping[str, Any] | None = None,
+    interceptor_host: str = "127.0.0.1",
+    name: str | None = None,
+) -> GepaRun:
+    """Start optimising ``seed_candidate`` against a task app; returns the run at once.
+
+    ``task_app`` is a running :class:`~taskapp_notebook.InProcessTaskApp` (called on its
+    local URL, or through its tunnel with ``through_tunnel=True``) or a task-app URL with
+    ``api_key=`` and/or ``worker_token=`` (SynthTunnel). Rollouts get
+    ``policy.config.inference_url`` pointing at this run's interceptor, which swaps the
+    candidate's ``system_prompt`` into the app's messages and forwards the call to
+    ``upstream`` (an :class:`Upstream`, a base URL, or a stand-in function). Every argument
+    is checked before anything starts. ``await run`` gives the :class:`GepaResult`.
+    """
+    require_gepa()
+    up = _upstream_of(upstream)
+    options = build_options(
+        name=name, seed_candidate=seed_candidate, train=train, val=val,
+        max_metric_calls=max_metric_calls, time_limit=time_limit,
+        score_threshold=score_threshold, concurrency=concurrency, run_dir=run_dir, seed=seed,
+        deliver_components=bool(deliver_components), has_upstream=up is not None,
+        model=model or (up.model if isinstance(up, Upstream) else None),
+        policy_config=policy_config, env_name=env_name, rollout_timeout=rollout_timeout,
+        reflection_minibatch_size=reflection_minibatch_size, gepa_options=gepa_options)
+    if interceptor_host not in ("127.0.0.1", "0.0.0.0", "localhost"):
+        raise InvalidParameterError(
+            f"interceptor_host must be '127.0.0.1', 'localhost' or '0.0.0.0'; got "
+            f"{interceptor_host!r}.")
+    target = resolve_target(task_app, api_key=api_key, worker_token=worker_token,
+                            through_tunnel=through_tunnel)
+    resume = _resume_seed_scores(options)
+    lm = resolve_reflection_lm(reflection_lm)
+    run = GepaRun(options, target, up, lm, interceptor_host=interceptor_host,
+                  resume_seed_scores=resume)
+    return run.start()
+
+
+def optimize(task_app: Any, **kwargs: Any) -> GepaResult:
+    """Like :func:`start_gepa`, then wait for the result on this thread.
+
+    Refused (:class:`~taskapp_notebook.gepa.DeadlockError`, before anything starts) where
+    waiting would block the event loop the task app serves on — a notebook cell with the
+    app on the kernel's loop: use ``run = start_gepa(...)`` and ``await run`` there.
+    """
+    require_gepa()
+    probe = resolve_target(task_app, api_key=kwargs.get("api_key"),
+                           worker_token=kwargs.get("worker_token"),
+                           through_tunnel=bool(kwargs.get("through_tunnel", False)))
+    check_can_block(probe, "optimize()")
+    run = start_gepa(task_app, **kwargs)
+    try:
+        return run.result()
+    except BaseException:  # an interrupt while waiting: do not leave the run behind
+        run.stop()
+        raise
+
+
+def _upstream_of(value: object) -> Upstream | ModelFunction | None:
+    if value is None or isinstance(value, Upstream):
+        return value
+    if isinstance(value, str):
+        return Upstream(check_http_url(value, "upstream"))
+    if callable(value):
+        return value
+    raise InvalidParameterError(
+        "upstream must be an Upstream(base_url, api_key=..., model=...), an OpenAI-compatible "
+        f"base URL, or a function body -> reply (a stand-in model); got {type(value).__name__}.")
+
+
+def _resume_seed_scores(options: RunOptions) -> dict[int, float] | None:
+    """When ``run_dir`` holds a checkpoint: check it matches, return its seed scores."""
+    if options.run_dir is None or not (options.run_dir / "gepa_state.bin").exists():
+        return None
+    from gepa.core.state import GEPAState
+
+    try:
+        state: Any = GEPAState.load(str(options.run_dir))
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign checkpoint
+        raise InvalidParameterError(
+            f"run_dir {str(options.run_dir)!r} holds a gepa checkpoint that cannot be read "
+            f"({type(exc).__name__}: {exc}). Use another run_dir, or delete the folder to "
+            "start over.") from None
+    if state.program_candidates[0] != options.seed_candidate:
+        raise InvalidParameterError(
+            f"run_dir {str(options.run_dir)!r} holds a run that started from another seed "
+            "candidate; resuming needs the same seed_candidate. Use another run_dir to start "
+            "a new run.")
+    seed_scores = state.prog_candidate_val_subscores[0]
+    if set(seed_scores) != set(range(len(options.val))):
+        raise InvalidParameterError(
+            f"run_dir {str(options.run_dir)!r} holds a run with {len(seed_scores)} validation "
+            f"examples; this call has {len(options.val)}. Resume with the same val=, or use "
+            "another run_dir.")
+    logger.info("Resuming the GEPA run in %s (%d candidates, %d metric calls spent)",
+                options.run_dir, len(state.program_candidates), state.total_num_evals)
+    return {int(k): float(v) for k, v in seed_scores.items()}
