@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from typing import TYPE_CHECKING
 
 from ..errors import TaskAppError
@@ -45,11 +44,13 @@ class GepaRunError(GepaError, RuntimeError):
 
 def require_gepa() -> None:
     """Raise :class:`GepaNotInstalledError` unless ``gepa`` (>= 0.1.4, < 0.2) is importable."""
-    if importlib.util.find_spec("gepa") is None:
+    try:
+        import gepa  # noqa: F401
+    except ImportError:
         raise GepaNotInstalledError(
             "Local GEPA runs need the open-source gepa engine, which is not installed. "
             f"Install it with: {INSTALL_HINT}"
-        )
+        ) from None
     from importlib.metadata import PackageNotFoundError, version
 
     try:
