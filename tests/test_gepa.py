@@ -138,7 +138,9 @@ async def test_interceptor_swaps_forwards_and_records(
                                     content=b"{not json")
             assert bad.status_code == 400
         records = json.dumps(interceptor.call_records)
-        assert UPSTREAM_KEY not in records and "36" not in records  # usage rows, no texts
+        assert UPSTREAM_KEY not in records and "step by step" not in records  # no texts
+        assert {"prompt_tokens", "latency_ms", "candidate_id"} <= set(
+            interceptor.call_records[0])
     finally:
         await interceptor.stop()
     async with httpx.AsyncClient(trust_env=False) as client:

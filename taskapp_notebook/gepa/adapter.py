@@ -1,9 +1,10 @@
 """The gepa adapter: a candidate is scored by ``POST /rollout`` calls to the task app.
 
 gepa's engine is synchronous and runs on the run's worker thread. Each ``evaluate`` /
-``batch_evaluate`` call hands its rollouts to the run's own event loop (a daemon thread:
-never the kernel's loop, so nothing here can block or be blocked by a cell) and waits for
-them there, ``concurrency`` at a time, through one pooled HTTP client.
+``batch_evaluate`` call hands its rollouts to the run's I/O loop (the in-process app's own
+loop, or a loop thread of the run for a URL target) and waits for them on the worker
+thread, so the loop is never blocked; rollouts run ``concurrency`` at a time through one
+pooled HTTP client.
 
 What counts as a score (the rule that keeps failed rollouts out of the results):
 
@@ -40,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 #: Statuses that mean "the app is not there", never "this example failed".
 _UNREACHABLE = frozenset({401, 403, 404, 410, 502, 503, 504})
+#: Tries of one rollout whose connection fails (a tunnel hiccup) before the app counts as gone.
+_ATTEMPTS = 3
 
 
 class RunInterrupted(BaseException):  # noqa: N818 - a control-flow signal like CancelledError
@@ -85,7 +88,10 @@ class TaskAppAdapter:
         import httpx
 
         size = self.options.concurrency
-        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+        # idle connections expire before uvicorn's 5 s keep-alive closes them on the server
+        # side, so a rollout never picks a connection the server is closing
+        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size,
+                              keepalive_expiry=2.0)
         self.client = httpx.AsyncClient(trust_env=False, limits=limits,
                                         timeout=self.options.rollout_timeout)
         self._semaphore = asyncio.Semaphore(size)
@@ -215,20 +221,28 @@ class TaskAppAdapter:
                 raise AppUnavailable(why)
             rid = f"r{next(self._ids)}"
             output: dict[str, Any] = {"example": example.describe(), "rollout_id": rid}
-            try:
-                response = await self.client.post(
-                    f"{self.target.url}/rollout", headers=self._headers,
-                    content=json.dumps(self._request(cid, rid, candidate, example)).encode())
-            except httpx.TimeoutException:
-                return self._failed(output, f"the rollout took longer than "
-                                    f"{self.options.rollout_timeout:g} s", rid)
-            except httpx.TransportError as exc:
-                why = self.target.unavailable()
-                raise AppUnavailable(why or f"cannot reach the task app at {self.target.url}: "
-                                     f"{type(exc).__name__}: {exc}") from None
-            except BaseException:
-                self.interceptor.take_calls(rid)
-                raise
+            content = json.dumps(self._request(cid, rid, candidate, example)).encode()
+            for attempt in range(_ATTEMPTS):
+                try:
+                    response = await self.client.post(f"{self.target.url}/rollout",
+                                                      headers=self._headers, content=content)
+                    break
+                except httpx.TimeoutException:
+                    return self._failed(output, f"the rollout took longer than "
+                                        f"{self.options.rollout_timeout:g} s", rid)
+                except httpx.TransportError as exc:
+                    # a dropped connection (a tunnel hiccup) is retried; a gone app is not
+                    self.interceptor.take_calls(rid)
+                    why = self.target.unavailable()
+                    if why is None and attempt + 1 < _ATTEMPTS:
+                        await asyncio.sleep(0.2 * (attempt + 1))
+                        continue
+                    raise AppUnavailable(why or f"cannot reach the task app at "
+                                         f"{self.target.url}: {type(exc).__name__}: {exc}"
+                                         ) from None
+                except BaseException:
+                    self.interceptor.take_calls(rid)
+                    raise
             status = response.status_code
             if status in _UNREACHABLE:
                 why = self.target.unavailable()

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: Seconds the interceptor keeps an idle client connection open (see start()).
+_KEEP_ALIVE = 3600
 _SUFFIXES = (("chat", "completions"), ("v1", "chat", "completions"))
 
 
@@ -160,6 +162,9 @@ class Interceptor:
                                              timeout=self.upstream.timeout)
         sock = bind_listener(host, 0)
         self._server = ServerHandle(InstrumentedApp(self, RequestStats()), sock)
+        # Never close an idle keep-alive connection first: an app's pooled client may pick it
+        # at that very moment (a ReadError in the app's rollout). Clients expire them sooner.
+        self._server.server.config.timeout_keep_alive = _KEEP_ALIVE
         await self._server.start()
         shown = "127.0.0.1" if host in ("0.0.0.0", "localhost") else host
         self.url = f"http://{shown}:{self._server.port}"

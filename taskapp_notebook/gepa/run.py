@@ -5,8 +5,9 @@ kernel" interrupts cells and never touches a run)::
 
     caller / kernel thread   start_gepa() returns at once; `await run`; run.stop()
     taskapp-gepa-<name>      gepa's synchronous engine (evaluate, reflect, accept)
-    taskapp-gepa-io-<name>   the run's event loop: interceptor server, pooled rollout client
-    the app's own loop       serves /rollout (the kernel's loop, or the app's thread)
+    the app's own loop       serves /rollout (the kernel's loop, or the app's thread), and
+                             the run's I/O: the interceptor and the pooled rollout client
+    taskapp-gepa-io-<name>   for a URL target only: a loop thread for the run's I/O
 
 Stopping: ``stop()`` makes gepa end before its next iteration and cancels the rollouts in
 flight; the unfinished iteration is discarded and everything accepted before is kept. The
@@ -169,21 +170,29 @@ class GepaRun:
             _active.discard(self)
 
     def _execute(self) -> GepaResult:
-        io = LoopThread(f"taskapp-gepa-io-{self.name}")
+        # The run's I/O (rollout client, interceptor) goes onto the in-process app's own loop
+        # (no thread hop between the app and the interceptor); for a URL, onto a loop thread
+        # of the run. Never blocked by the engine: that waits on its own thread.
+        app_loop = self.target.app.loop if self.target.app is not None else None
+        own = None if app_loop is not None and app_loop.is_running() else LoopThread(
+            f"taskapp-gepa-io-{self.name}")
+        loop = own.loop if own is not None else app_loop
+        assert loop is not None
         adapter = TaskAppAdapter(options=self.options, target=self.target,
-                                 interceptor=self.interceptor, loop=io.loop, ledger=self._ledger)
+                                 interceptor=self.interceptor, loop=loop, ledger=self._ledger)
         adapter.resume_seed_scores = self._resume_seed_scores
         try:
-            io.submit(self._open(adapter)).result()
+            asyncio.run_coroutine_threadsafe(self._open(adapter), loop).result()
             self._adapter = adapter
             if self._stop_requested.is_set():
                 adapter.interrupt("stopped by the user", kind="stopped")
             outcome, message = self._optimize(adapter)
         finally:
             self._adapter = None
-            with contextlib.suppress(Exception):
-                io.submit(self._close(adapter)).result(30)
-            io.close()
+            with contextlib.suppress(Exception):  # a closed app loop took our sockets along
+                asyncio.run_coroutine_threadsafe(self._close(adapter), loop).result(30)
+            if own is not None:
+                own.close()
             close = getattr(self.reflection_lm, "close", None)
             if callable(close):
                 with contextlib.suppress(Exception):
