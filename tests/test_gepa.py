@@ -346,3 +346,103 @@ def test_import_stays_cheap() -> None:
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == []
+
+
+# ------------------------------------------------------------------ more paths
+
+REFLECTION_KEY = "sk-reflection-secret-987654321"
+
+
+@pytest.fixture(scope="module")
+def reflection_server() -> Iterator[str]:
+    """An OpenAI-compatible stand-in reflection model (stand_in_reflection behind HTTP)."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        from fastapi.responses import JSONResponse
+
+        if request.headers.get("authorization") != f"Bearer {REFLECTION_KEY}":
+            return JSONResponse({"error": {"message": "invalid api key"}}, status_code=401)
+        body = await request.json()
+        text = stand_in_reflection(body["messages"][-1]["content"])
+        return {"choices": [{"message": {"role": "assistant", "content": text}}],
+                "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}
+
+    with serve(app) as url:
+        yield url + "/v1"
+
+
+async def test_chat_completions_reflection_lm(app: InProcessTaskApp,
+                                              reflection_server: str) -> None:
+    from taskapp_notebook.gepa import ChatCompletionsLM
+
+    lm = ChatCompletionsLM("reflector", base_url=reflection_server, api_key=REFLECTION_KEY)
+    assert REFLECTION_KEY not in repr(lm)
+    result = await start_gepa(app, **common(reflection_lm=lm, score_threshold=1.0))
+    assert result.best_score == 1.0 and result.best_score > (result.seed_score or 0)
+    calls = result.usage["reflection_calls"]
+    assert calls >= 1 and result.usage["reflection_tokens_in"] == 100 * calls
+    wrong = ChatCompletionsLM("reflector", base_url=reflection_server, api_key="sk-wrong-0000000")
+    with pytest.raises(GepaRunError, match="HTTP 401") as failed:
+        await start_gepa(app, **common(reflection_lm=wrong))
+    assert "sk-wrong-0000000" not in str(failed.value)
+    assert failed.value.result is not None and failed.value.result.seed_score is not None
+
+
+async def test_components_delivered_to_an_app_that_builds_its_prompts() -> None:
+    from taskapp_notebook import TaskAppConfig
+
+    seen: list[dict[str, str]] = []
+
+    def rollout(request: Any) -> dict[str, Any]:
+        components = request.policy.config["prompt_components"]
+        seen.append(components)
+        words = len(components["planner"].split()) + len(components["style"].split())
+        return {"reward_info": {"outcome_reward": min(1.0, words / 10),
+                                "details": {"feedback": "longer instructions score higher"}}}
+
+    def reflect(prompt: str) -> str:
+        current = prompt.split("```", 2)[1].strip()
+        return f"```\n{current} and be more thorough\n```"
+
+    task_app = InProcessTaskApp(config=TaskAppConfig(app_id="c", name="c", description="c",
+                                                     rollout=rollout),
+                                tunnel_mode="local", serve_on="thread", port=free_port())
+    await task_app.astart()
+    try:
+        result = await start_gepa(task_app, seed_candidate={"planner": "plan", "style": "terse"},
+                                  train=[1, 2, 3], val=[1, 2], reflection_lm=reflect,
+                                  deliver_components=True, max_metric_calls=30)
+    finally:
+        await task_app.astop()
+    assert seen[0] == {"planner": "plan", "style": "terse"}
+    assert result.best_score is not None and result.seed_score is not None
+    assert result.best_score > result.seed_score
+    assert result.best_prompt is None and set(result.best_candidate) == {"planner", "style"}
+    assert "component:planner" in result.candidates[0]
+
+
+async def test_synthtunnel_url_with_worker_token_and_time_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from taskapp_notebook.relay import RelayServer
+
+    relay = RelayServer(api_keys=["relay-key"], port=free_port()).start_in_thread()
+    monkeypatch.setenv("SYNTH_BACKEND_URL", relay.url)
+    monkeypatch.setenv("SYNTH_API_KEY", "relay-key")
+    task_app = InProcessTaskApp(config=task_config(delay=0.02), serve_on="thread",
+                                port=free_port())
+    try:
+        await task_app.astart()
+        assert task_app.url and task_app.url.startswith(relay.url)
+        token = task_app.task_app_worker_token
+        assert token
+        run = start_gepa(task_app.url, worker_token=token, time_limit=1.0,
+                         **common(max_metric_calls=100_000))
+        result = await run
+        assert result.state == "succeeded" and result.message == "Time limit reached."
+        assert result.rollouts > 6 and result.rollout_errors == 0
+        assert token not in repr(run) and token not in json.dumps(result.summary())
+    finally:
+        await task_app.astop()
+        relay.stop_in_thread()

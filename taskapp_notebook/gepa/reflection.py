@@ -122,6 +122,62 @@ class CountingLM:
         return text
 
 
+class ReflectionGuard:
+    """What gepa calls as its reflection LM: the user's LM, with its failures counted.
+
+    gepa logs a failing reflection call and goes on, spending rollouts on iterations that
+    can never propose anything (a wrong key, an unreachable endpoint). The run ends as
+    failed once ``MAX_FAILURES`` calls in a row have failed, with the last error.
+    """
+
+    MAX_FAILURES = 3
+
+    def __init__(self, lm: Any) -> None:
+        self.lm = lm
+        self.failures = 0
+        self.last_error: str | None = None
+
+    def __repr__(self) -> str:
+        return repr(self.lm)
+
+    @property
+    def total_cost(self) -> float:
+        return float(getattr(self.lm, "total_cost", 0.0) or 0.0)
+
+    @property
+    def total_tokens_in(self) -> int:
+        return int(getattr(self.lm, "total_tokens_in", 0) or 0)
+
+    @property
+    def total_tokens_out(self) -> int:
+        return int(getattr(self.lm, "total_tokens_out", 0) or 0)
+
+    @property
+    def calls(self) -> int | None:
+        return getattr(self.lm, "calls", None)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.failures >= self.MAX_FAILURES
+
+    def __call__(self, prompt: str | list[dict[str, Any]]) -> str:
+        try:
+            text: str = self.lm(prompt)
+        except Exception as exc:
+            self.failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            logger.warning("Reflection LM call failed (%d in a row): %s", self.failures,
+                           self.last_error)
+            raise
+        self.failures = 0
+        return text
+
+    def close(self) -> None:
+        close = getattr(self.lm, "close", None)
+        if callable(close):
+            close()
+
+
 def resolve_reflection_lm(value: object) -> Any:
     """Check ``reflection_lm`` before a run starts; returns what gepa is given."""
     if isinstance(value, str):

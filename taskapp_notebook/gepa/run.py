@@ -34,7 +34,7 @@ from .errors import DeadlockError, GepaRunError
 from .interceptor import Interceptor
 from .ledger import RunLedger, candidate_id
 from .options import ModelFunction, RunOptions, Upstream
-from .reflection import reflection_usage
+from .reflection import ReflectionGuard, reflection_usage
 from .results import GepaResult, append_calls, candidate_records, usage_totals, write_result
 from .target import AppTarget
 
@@ -68,7 +68,7 @@ class GepaRun:
         self.options = options
         self.name = options.name
         self.target = target
-        self.reflection_lm = reflection_lm
+        self.reflection_lm = ReflectionGuard(reflection_lm)
         self.progress = RunProgress("local gepa", options.name,
                                     budget_total=options.max_metric_calls)
         self.interceptor = Interceptor(upstream)
@@ -227,7 +227,8 @@ class GepaRun:
         from gepa.utils import ScoreThresholdStopper, TimeoutStopCondition
 
         options = self.options
-        stoppers: list[Any] = [lambda state: self._stop_requested.is_set()]
+        guard = self.reflection_lm
+        stoppers: list[Any] = [lambda state: self._stop_requested.is_set() or guard.exhausted]
         if options.time_limit is not None:
             stoppers.append(TimeoutStopCondition(options.time_limit))
         if options.score_threshold is not None:
@@ -273,6 +274,11 @@ class GepaRun:
 
     def _why_ended(self) -> tuple[str, str]:
         snap = self.progress.snapshot()
+        if self.reflection_lm.exhausted:
+            return "failed", self._scrub(
+                f"The GEPA run {self.name!r} failed: the reflection LM failed "
+                f"{self.reflection_lm.failures} times in a row (last: "
+                f"{self.reflection_lm.last_error}). Check its model name, URL and key.")
         if self._stop_requested.is_set():
             return "stopped", f"Stopped by the user after iteration {snap.iteration}."
         options = self.options
