@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import subprocess
 import sys
 import threading
@@ -170,10 +171,12 @@ async def test_run_improves_the_prompt_over_http_upstream(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     _, base = upstream
+    sigint = signal.getsignal(signal.SIGINT)
     run = start_gepa(app, **common(upstream=Upstream(base, api_key=UPSTREAM_KEY),
                                    run_dir=tmp_path / "run", score_threshold=1.0))
     assert not run.done()  # returned at once
     result = await run
+    assert signal.getsignal(signal.SIGINT) is sigint  # never replaced (gepa's SignalStopper)
     assert result.state == "succeeded" and "threshold" in result.message
     assert result.seed_score is not None and result.best_score == 1.0
     assert result.best_score > result.seed_score

@@ -54,6 +54,26 @@ def start_gepa(
     candidate's ``system_prompt`` into the app's messages and forwards the call to
     ``upstream`` (an :class:`Upstream`, a base URL, or a stand-in function). Every argument
     is checked before anything starts. ``await run`` gives the :class:`GepaResult`.
+
+    * ``seed_candidate``: a system prompt, or named components (other names than
+      ``system_prompt`` need ``deliver_components=True``: the app gets them in
+      ``policy.config["prompt_components"]``).
+    * ``train`` / ``val``: task seeds (``env.seed``) or example dicts (``env.config``; a
+      ``"seed"`` key becomes ``env.seed``); ``val`` defaults to ``train``.
+    * ``reflection_lm``: :class:`ChatCompletionsLM`, a gepa model string (needs litellm),
+      or any ``prompt -> str`` function.
+    * ``max_metric_calls``: the rollout budget (gepa checks it between iterations, so the
+      last iteration may go a little over); ``time_limit`` (s) and ``score_threshold`` end
+      the run earlier, also between iterations.
+    * ``concurrency``: rollouts in flight; ``rollout_timeout`` (s): a slower rollout scores 0.
+    * ``run_dir``: results as JSON plus gepa's checkpoint; the same folder resumes a run.
+    * ``seed``: gepa's random seed. ``model``: ``policy.config.model`` (default: the
+      upstream's model). ``policy_config``: extra ``policy.config`` keys. ``env_name``:
+      ``env.env_name``. ``gepa_options``: more ``gepa.optimize`` arguments
+      (``candidate_selection_strategy``, ``use_merge``, ``frontier_type``...).
+    * ``interceptor_host``: where the interceptor listens. Apps are given a 127.0.0.1 URL,
+      so the task app must run on this machine (an InProcessTaskApp, a local URL, or the
+      SynthTunnel URL of an app of this machine).
     """
     require_gepa()
     up = _upstream_of(upstream)

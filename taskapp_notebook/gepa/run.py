@@ -17,6 +17,7 @@ same happens when the task app stops or is re-run during the run (see adapter.py
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import importlib
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _active: set[GepaRun] = set()
+_atexit_registered = False
 
 
 class _GepaLog:
@@ -134,6 +136,10 @@ class GepaRun:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> GepaRun:
+        global _atexit_registered
+        if not _atexit_registered:  # a run still going at exit stops (rollouts cancelled)
+            atexit.register(stop_all_runs)
+            _atexit_registered = True
         app = self.target.app
         if app is not None:
             app.add_listener(self._on_app_change)
