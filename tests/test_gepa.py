@@ -449,3 +449,22 @@ async def test_synthtunnel_url_with_worker_token_and_time_limit(
     finally:
         await task_app.astop()
         relay.stop_in_thread()
+
+
+async def test_stop_after_the_current_iteration() -> None:
+    task_app = InProcessTaskApp(config=task_config(delay=0.02), tunnel_mode="local",
+                                serve_on="thread", port=free_port())
+    await task_app.astart()
+    try:
+        run = start_gepa(task_app, **common(max_metric_calls=10_000, concurrency=2,
+                                            val=list(range(4)), train=list(range(12))))
+        await asyncio.to_thread(wait_for, lambda: run.progress.snapshot().iteration >= 1, 60)
+        run.stop(cancel_inflight=False)
+        result = await run
+        assert result.state == "stopped" and "stopped by the user" in result.message
+        # the iteration under way was finished and recorded, none was started after it
+        assert result.history and result.message.startswith(
+            f"Stopped after iteration {result.history[-1]['iteration']}")
+        assert result.rollout_errors == 0
+    finally:
+        await task_app.astop()

@@ -135,3 +135,21 @@ def test_rerunning_the_app_cell_stops_the_run_with_a_message(kernel: Kernel) -> 
 def probe_tasks(kernel: Kernel) -> int:
     reply = ok(kernel.kc, "import asyncio\nprint('TASKS', len(asyncio.all_tasks()))")
     return int(reply.stdout.split("TASKS ", 1)[1].split()[0])
+
+
+def test_rerunning_the_start_cell_replaces_the_run(kernel: Kernel) -> None:
+    kc = kernel.kc
+    ok(kc, APP_CELL, cell_id="gepa-app-3")
+    ok(kc, START_CELL, cell_id="gepa-start-3")
+    ok(kc, "first = run")
+    time.sleep(0.5)
+    ok(kc, START_CELL, cell_id="gepa-start-3")  # the user re-runs the start cell
+    done = ok(kc, "old = await first\n"
+                  "from taskapp_notebook.gepa.run import active_runs\n"
+                  "print('RESULT', json.dumps({'old': old.state, 'message': old.message, "
+                  "'active': [r.name for r in active_runs()], 'new': run.state}))")
+    result = done.json_line("RESULT")
+    assert result["old"] == "stopped" and "replaced by a new run" in result["message"]
+    assert result["active"] == ["kernel-run"] and result["new"] in ("pending", "running")
+    ok(kc, "run.stop()\nawait run")
+    ok(kc, "%taskapp stop --all")

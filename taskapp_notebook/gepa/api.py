@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from .errors import require_gepa
 from .options import ModelFunction, RunOptions, Upstream, build_options, check_http_url
 from .reflection import resolve_reflection_lm
 from .results import GepaResult
-from .run import GepaRun, check_can_block
+from .run import GepaRun, active_runs, check_can_block
 from .target import resolve_target
 
 logger = logging.getLogger(__name__)
@@ -91,11 +92,24 @@ def start_gepa(
             f"{interceptor_host!r}.")
     target = resolve_target(task_app, api_key=api_key, worker_token=worker_token,
                             through_tunnel=through_tunnel)
+    cell = current_cell_id()
+    replaced = [old for old in active_runs() if (cell is not None and old.cell_id == cell)
+                or old.name == options.name]
+    for old in active_runs():
+        if old not in replaced and options.run_dir is not None and (
+                old.options.run_dir == options.run_dir):
+            raise InvalidParameterError(
+                f"The run {old.name!r} is using run_dir {str(options.run_dir)!r}; stop it "
+                "first (run.stop()) or choose another run_dir.")
     resume = _resume_seed_scores(options)
     lm = resolve_reflection_lm(reflection_lm)
     run = GepaRun(options, target, up, lm, interceptor_host=interceptor_host,
                   resume_seed_scores=resume)
-    return run.start()
+    run.cell_id = cell
+    for old in replaced:  # re-running the cell (or the name) replaces its run
+        logger.info("Stopping the GEPA run %r: replaced by a new run", old.name)
+        old.stop(reason="replaced by a new run of the same cell or name")
+    return run.start(after=replaced)
 
 
 def optimize(task_app: Any, **kwargs: Any) -> GepaResult:
@@ -116,6 +130,22 @@ def optimize(task_app: Any, **kwargs: Any) -> GepaResult:
     except BaseException:  # an interrupt while waiting: do not leave the run behind
         run.stop()
         raise
+
+
+def current_cell_id() -> str | None:
+    """The frontend's id of the cell being run (JupyterLab, VS Code send it), else None."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    kernel = getattr(shell, "kernel", None)
+    get_parent = getattr(kernel, "get_parent", None)
+    if get_parent is None:
+        return None
+    try:
+        parent = get_parent()
+    except Exception:  # noqa: BLE001 - an older or unusual kernel
+        return None
+    cell = (parent or {}).get("metadata", {}).get("cellId")
+    return str(cell) if cell else None
 
 
 def _upstream_of(value: object) -> Upstream | ModelFunction | None:

@@ -79,10 +79,14 @@ class GepaRun:
         self._resume_seed_scores = resume_seed_scores
         self._done: concurrent.futures.Future[GepaResult] = concurrent.futures.Future()
         self._stop_requested = threading.Event()
+        self._stop_reason = "stopped by the user"
         self._adapter: TaskAppAdapter | None = None
         self._thread: threading.Thread | None = None
         self._view: Any = None
         self._result: GepaResult | None = None
+        self._after: list[GepaRun] = []
+        #: The notebook cell that started the run (re-running it replaces the run).
+        self.cell_id: str | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -99,19 +103,20 @@ class GepaRun:
     def done(self) -> bool:
         return self._done.done()
 
-    def stop(self, *, cancel_inflight: bool = True) -> None:
+    def stop(self, *, cancel_inflight: bool = True, reason: str = "stopped by the user") -> None:
         """End the run: before gepa's next iteration; with ``cancel_inflight`` (default) at
         once, cancelling the rollouts in flight and discarding the unfinished iteration.
         Returns immediately; ``await run`` for the result (the best so far)."""
         if self._done.done():
             return
+        self._stop_reason = reason
         self._stop_requested.set()
         self.progress.update(state="stopping", message="stopping: ending before the next "
                              "iteration" + ("; cancelling rollouts in flight"
                                             if cancel_inflight else ""))
         adapter = self._adapter
         if cancel_inflight and adapter is not None:
-            adapter.interrupt("stopped by the user", kind="stopped")
+            adapter.interrupt(reason, kind="stopped")
 
     def __await__(self) -> Generator[Any, None, GepaResult]:
         # shield: cancelling the awaiting cell (Interrupt kernel) must not cancel the run
@@ -135,7 +140,9 @@ class GepaRun:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> GepaRun:
+    def start(self, *, after: list[GepaRun] | None = None) -> GepaRun:
+        """Start on a worker thread (once the runs in ``after`` have finished)."""
+        self._after = list(after or [])
         global _atexit_registered
         if not _atexit_registered:  # a run still going at exit stops (rollouts cancelled)
             atexit.register(stop_all_runs)
@@ -157,6 +164,9 @@ class GepaRun:
 
     def _main(self) -> None:
         try:
+            for previous in self._after:  # replaced runs free their run_dir and sockets first
+                with contextlib.suppress(BaseException):
+                    previous._done.exception(timeout=60)
             result = self._execute()
         except GepaRunError as exc:
             self._finish("failed", str(exc), exc.result)
@@ -191,7 +201,7 @@ class GepaRun:
             asyncio.run_coroutine_threadsafe(self._open(adapter), loop).result()
             self._adapter = adapter
             if self._stop_requested.is_set():
-                adapter.interrupt("stopped by the user", kind="stopped")
+                adapter.interrupt(self._stop_reason, kind="stopped")
             outcome, message = self._optimize(adapter)
         finally:
             self._adapter = None
@@ -286,7 +296,8 @@ class GepaRun:
                 f"{self.reflection_lm.failures} times in a row (last: "
                 f"{self.reflection_lm.last_error}). Check its model name, URL and key.")
         if self._stop_requested.is_set():
-            return "stopped", f"Stopped by the user after iteration {snap.iteration}."
+            return "stopped", (f"Stopped after iteration {snap.iteration}: "
+                               f"{self._stop_reason}.")
         options = self.options
         best = self._ledger.best_score()
         if options.score_threshold is not None and best is not None and (
@@ -360,6 +371,11 @@ def check_can_block(target: AppTarget, what: str) -> None:
             "the run with `run = start_gepa(...)` and get the result with `result = await "
             "run` (the cell returns at once; the view updates while you work), or serve the "
             "app on its own thread (%%taskapp --serve-on thread / serve_on='thread').")
+
+
+def active_runs() -> list[GepaRun]:
+    """Runs of this process that have not finished."""
+    return [run for run in list(_active) if not run.done()]
 
 
 def stop_all_runs() -> None:
