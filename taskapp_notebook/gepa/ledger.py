@@ -146,6 +146,11 @@ class RunLedger:
     def on_candidate_selected(self, event: dict[str, Any]) -> None:
         self._iteration["parent_id"] = candidate_id(int(event["candidate_idx"]))
 
+    def on_evaluation_end(self, event: dict[str, Any]) -> None:
+        # the first evaluation of an iteration is the parent's, on the minibatch
+        if event.get("candidate_idx") is not None and "subsample_before" not in self._iteration:
+            self._iteration["subsample_before"] = float(sum(event["scores"]))
+
     def on_evaluation_skipped(self, event: dict[str, Any]) -> None:
         self._iteration["outcome"] = f"skipped ({event.get('reason', '')})"
 
