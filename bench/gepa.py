@@ -52,7 +52,8 @@ def bench_config() -> Any:
 
 
 def model_app() -> Any:
-    """A stand-in model server (not an LLM): a fixed reply with usage."""
+    """A stand-in model server (not an LLM): a fixed reply with usage, at once on
+    ``/v1``, after 20 ms on ``/slow/v1`` (closer to a real model's latency)."""
     from fastapi import FastAPI
 
     app = FastAPI()
@@ -60,6 +61,11 @@ def model_app() -> Any:
     @app.get("/health")
     async def health() -> dict[str, bool]:
         return {"healthy": True}
+
+    @app.post("/slow/v1/chat/completions")
+    async def slow() -> dict[str, Any]:
+        await asyncio.sleep(0.02)
+        return await chat()
 
     @app.post("/v1/chat/completions")
     async def chat() -> dict[str, Any]:
@@ -170,21 +176,22 @@ def measure(rollouts: int, repeats: int) -> str:
                                              through_tunnel=False),
                  "SynthTunnel": resolve_target(app, api_key=None, worker_token=None,
                                                through_tunnel=True)}
-        for call_model in (False, True):
+        kinds = {"no model call": None, "one model call": model_url,
+                 "one 20 ms model call": model.local_url + "/slow/v1"}
+        for what, url in kinds.items():
             for label, target in paths.items():
                 for concurrency in (8, 32):
-                    rig = AdapterRig(target, concurrency, model_url, call_model)
+                    call_model = url is not None
+                    rig = AdapterRig(target, concurrency, url or model_url, call_model)
                     floors, ours = [], []
                     try:
                         for _ in range(repeats):
                             floors.append(asyncio.run(floor_rate(
-                                target.url, target.headers, rollouts, concurrency,
-                                model_url if call_model else None)))
+                                target.url, target.headers, rollouts, concurrency, url)))
                             ours.append(rig.rate(rollouts))
                     finally:
                         rig.close()
                     floor, adapter = statistics.median(floors), statistics.median(ours)
-                    what = "one model call" if call_model else "no model call"
                     rows.append(f"| {label} | {what} | {concurrency} | {floor:.0f} | "
                                 f"{adapter:.0f} | {adapter / floor:.2f}× |")
         overhead = measure_interceptor(model_url, repeats)
