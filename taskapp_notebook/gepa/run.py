@@ -85,6 +85,7 @@ class GepaRun:
         self._view: Any = None
         self._result: GepaResult | None = None
         self._after: list[GepaRun] = []
+        self._calls_written = 0
         #: The notebook cell that started the run (re-running it replaces the run).
         self.cell_id: str | None = None
 
@@ -320,8 +321,9 @@ class GepaRun:
             best_index = max(range(len(scores)), key=scores.__getitem__)
         calls = list(self.interceptor.call_records)
         if options.run_dir is not None:
+            fresh, self._calls_written = calls[self._calls_written:], len(calls)
             try:
-                calls = append_calls(options.run_dir, calls)
+                calls = append_calls(options.run_dir, fresh)
             except OSError as exc:
                 logger.warning("Could not write the model calls to %s: %s", options.run_dir, exc)
         snap = self.progress.snapshot()
