@@ -99,6 +99,11 @@ def test_run_in_the_background_of_a_kernel(kernel: Kernel) -> None:
     refused = run(kc, "optimize(app, seed_candidate='x', train=[1], upstream=stand_in_model, "
                       "reflection_lm=stand_in_reflection, max_metric_calls=5)")
     assert refused.ename == "DeadlockError" and "await run" in (refused.evalue or "")
+    assert len(refused.traceback) == 1  # one red line, no traceback
+    bad = run(kc, "start_gepa(app, seed_candidate='', train=[1], upstream=stand_in_model, "
+                  "reflection_lm=stand_in_reflection, max_metric_calls=5)")
+    assert bad.ename == "GepaParameterError" and "empty string" in (bad.evalue or "")
+    assert len(bad.traceback) == 1
 
     # Stop: ends between iterations, cancels in-flight rollouts, keeps the best so far
     done = ok(kc, "run.stop()\nresult = await run\n"

@@ -14,7 +14,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import DeadlockError, GepaError, GepaNotInstalledError, GepaRunError
+from .errors import (
+    DeadlockError,
+    GepaError,
+    GepaNotInstalledError,
+    GepaParameterError,
+    GepaRunError,
+)
 
 if TYPE_CHECKING:
     from .api import optimize, start_gepa
@@ -29,6 +35,7 @@ __all__ = [
     "DeadlockError",
     "GepaError",
     "GepaNotInstalledError",
+    "GepaParameterError",
     "GepaResult",
     "GepaRun",
     "GepaRunError",

@@ -8,8 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidParameterError
-from .errors import require_gepa
+from .errors import GepaParameterError, require_gepa
 from .options import ModelFunction, RunOptions, Upstream, build_options, check_http_url
 from .reflection import resolve_reflection_lm
 from .results import GepaResult
@@ -87,7 +86,7 @@ def start_gepa(
         policy_config=policy_config, env_name=env_name, rollout_timeout=rollout_timeout,
         reflection_minibatch_size=reflection_minibatch_size, gepa_options=gepa_options)
     if interceptor_host not in ("127.0.0.1", "0.0.0.0", "localhost"):
-        raise InvalidParameterError(
+        raise GepaParameterError(
             f"interceptor_host must be '127.0.0.1', 'localhost' or '0.0.0.0'; got "
             f"{interceptor_host!r}.")
     target = resolve_target(task_app, api_key=api_key, worker_token=worker_token,
@@ -98,7 +97,7 @@ def start_gepa(
     for old in active_runs():
         if old not in replaced and options.run_dir is not None and (
                 old.options.run_dir == options.run_dir):
-            raise InvalidParameterError(
+            raise GepaParameterError(
                 f"The run {old.name!r} is using run_dir {str(options.run_dir)!r}; stop it "
                 "first (run.stop()) or choose another run_dir.")
     resume = _resume_seed_scores(options)
@@ -155,7 +154,7 @@ def _upstream_of(value: object) -> Upstream | ModelFunction | None:
         return Upstream(check_http_url(value, "upstream"))
     if callable(value):
         return value
-    raise InvalidParameterError(
+    raise GepaParameterError(
         "upstream must be an Upstream(base_url, api_key=..., model=...), an OpenAI-compatible "
         f"base URL, or a function body -> reply (a stand-in model); got {type(value).__name__}.")
 
@@ -169,18 +168,18 @@ def _resume_seed_scores(options: RunOptions) -> dict[int, float] | None:
     try:
         state: Any = GEPAState.load(str(options.run_dir))
     except Exception as exc:  # noqa: BLE001 - a damaged or foreign checkpoint
-        raise InvalidParameterError(
+        raise GepaParameterError(
             f"run_dir {str(options.run_dir)!r} holds a gepa checkpoint that cannot be read "
             f"({type(exc).__name__}: {exc}). Use another run_dir, or delete the folder to "
             "start over.") from None
     if state.program_candidates[0] != options.seed_candidate:
-        raise InvalidParameterError(
+        raise GepaParameterError(
             f"run_dir {str(options.run_dir)!r} holds a run that started from another seed "
             "candidate; resuming needs the same seed_candidate. Use another run_dir to start "
             "a new run.")
     seed_scores = state.prog_candidate_val_subscores[0]
     if set(seed_scores) != set(range(len(options.val))):
-        raise InvalidParameterError(
+        raise GepaParameterError(
             f"run_dir {str(options.run_dir)!r} holds a run with {len(seed_scores)} validation "
             f"examples; this call has {len(options.val)}. Resume with the same val=, or use "
             "another run_dir.")

@@ -3,8 +3,9 @@
 ::
 
     TaskAppError
-    ├── InvalidParameterError (ValueError)   a bad argument, raised before anything starts
-    └── GepaError
+    └── GepaError                                in a notebook: one red line, no traceback
+        ├── GepaParameterError (InvalidParameterError, ValueError)  bad input, before anything
+        │                                        starts
         ├── GepaNotInstalledError (ImportError)  the ``gepa`` extra is missing
         ├── DeadlockError (RuntimeError)         a synchronous wait that could never finish
         └── GepaRunError (RuntimeError)          the run failed; ``.result`` keeps the best so far
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..errors import TaskAppError
+from ..errors import InvalidParameterError, TaskAppError
 
 if TYPE_CHECKING:
     from .results import GepaResult
@@ -24,6 +25,14 @@ INSTALL_HINT = "pip install 'taskapp-notebook[gepa]'"
 
 class GepaError(TaskAppError):
     """Base class of the errors of :mod:`taskapp_notebook.gepa`."""
+
+    def _render_traceback_(self) -> list[str]:
+        """What IPython shows instead of a traceback: one red line saying what to do."""
+        return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self}"]
+
+
+class GepaParameterError(GepaError, InvalidParameterError):
+    """A bad argument to a local GEPA run, found before anything starts."""
 
 
 class GepaNotInstalledError(GepaError, ImportError):

@@ -1,6 +1,6 @@
 """Validation of everything a local GEPA run is given, before anything starts.
 
-Each check raises :class:`~taskapp_notebook.errors.InvalidParameterError` saying what is
+Each check raises :class:`~taskapp_notebook.errors.GepaParameterError` saying what is
 wrong, why, and what to pass instead. The result is a frozen :class:`RunOptions`.
 """
 
@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidParameterError, mask_secret
+from ..errors import mask_secret
+from .errors import GepaParameterError
 
 #: The component the interceptor swaps into the system message (see interceptor.py).
 SYSTEM_COMPONENT = "system_prompt"
@@ -64,7 +65,7 @@ class Upstream:
         check_http_url(self.base_url, "Upstream.base_url")
         object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
         if not (isinstance(self.timeout, int | float) and self.timeout > 0):
-            raise InvalidParameterError(
+            raise GepaParameterError(
                 f"Upstream.timeout must be a positive number of seconds; got {self.timeout!r}."
             )
 
@@ -105,7 +106,7 @@ class RunOptions:
 
 def check_http_url(url: object, what: str) -> str:
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        raise InvalidParameterError(
+        raise GepaParameterError(
             f"{what} must be an http(s) URL such as 'http://127.0.0.1:8114'; got {url!r}."
         )
     return url
@@ -115,21 +116,21 @@ def seed_candidate_of(value: object) -> tuple[dict[str, str], bool]:
     """``"prompt"`` → ``{"system_prompt": "prompt"}``; a mapping of non-empty texts as is."""
     if isinstance(value, str):
         if not value.strip():
-            raise InvalidParameterError("seed_candidate is an empty string; give the system "
+            raise GepaParameterError("seed_candidate is an empty string; give the system "
                                         "prompt to start from.")
         return {SYSTEM_COMPONENT: value}, True
     if not isinstance(value, Mapping) or not value:
-        raise InvalidParameterError(
+        raise GepaParameterError(
             "seed_candidate must be a system prompt (str) or a non-empty dict of named "
             f"components, e.g. {{'system_prompt': '...'}}; got {value!r}."
         )
     out: dict[str, str] = {}
     for key, text in value.items():
         if not isinstance(key, str) or not key.strip():
-            raise InvalidParameterError(f"seed_candidate has a bad component name {key!r}; "
+            raise GepaParameterError(f"seed_candidate has a bad component name {key!r}; "
                                         "names are non-empty strings.")
         if not isinstance(text, str) or not text.strip():
-            raise InvalidParameterError(
+            raise GepaParameterError(
                 f"seed_candidate[{key!r}] must be a non-empty string; got {text!r}.")
         out[key] = text
     return out, False
@@ -139,7 +140,7 @@ def examples_of(items: object, split: str) -> tuple[TaskExample, ...]:
     """Seeds (ints) or example dicts (sent as ``env.config``; a ``"seed"`` key becomes
     ``env.seed``) → :class:`TaskExample` list."""
     if isinstance(items, str | bytes | Mapping) or not isinstance(items, Sequence | range):
-        raise InvalidParameterError(
+        raise GepaParameterError(
             f"{split} must be a list of task seeds (ints) or of example dicts; got {items!r}.")
     out: list[TaskExample] = []
     for index, item in enumerate(items):
@@ -150,21 +151,21 @@ def examples_of(items: object, split: str) -> tuple[TaskExample, ...]:
         elif isinstance(item, Mapping):
             seed = item.get("seed")
             if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-                raise InvalidParameterError(
+                raise GepaParameterError(
                     f"{split}[{index}]['seed'] must be an int; got {seed!r}.")
             out.append(TaskExample(split, index, seed=seed, config=dict(item)))
         else:
-            raise InvalidParameterError(
+            raise GepaParameterError(
                 f"{split}[{index}] is {item!r}: each example is a task seed (int) or a dict "
                 "(sent to the task app as env.config).")
     if not out:
-        raise InvalidParameterError(f"{split} is empty; give at least one seed or example.")
+        raise GepaParameterError(f"{split} is empty; give at least one seed or example.")
     return tuple(out)
 
 
 def positive_int(value: object, what: str, *, hint: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidParameterError(f"{what} must be a positive int; got {value!r}.{hint}")
+        raise GepaParameterError(f"{what} must be a positive int; got {value!r}.{hint}")
     return value
 
 
@@ -173,7 +174,7 @@ def optional_seconds(value: object, what: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not (
             math.isfinite(value) and value > 0):
-        raise InvalidParameterError(f"{what} must be a positive number of seconds or None; "
+        raise GepaParameterError(f"{what} must be a positive number of seconds or None; "
                                     f"got {value!r}.")
     return float(value)
 
@@ -203,13 +204,13 @@ def build_options(
     candidate, plain = seed_candidate_of(seed_candidate)
     others = sorted(set(candidate) - {SYSTEM_COMPONENT})
     if others and not deliver_components:
-        raise InvalidParameterError(
+        raise GepaParameterError(
             f"Component(s) {others} of seed_candidate would reach neither the model nor the app: "
             f"the interceptor swaps only {SYSTEM_COMPONENT!r} into the system message. Rename "
             "the component, or pass deliver_components=True so the app receives every "
             "component in policy.config['prompt_components'].")
     if not has_upstream and not deliver_components:
-        raise InvalidParameterError(
+        raise GepaParameterError(
             "Pass upstream= (the OpenAI-compatible model the interceptor forwards to, or a "
             "stand-in function), or deliver_components=True for an app that builds its "
             "prompts itself; otherwise no candidate would ever reach the model.")
@@ -219,44 +220,44 @@ def build_options(
     budget = positive_int(max_metric_calls, "max_metric_calls",
                           hint=" It is the number of rollouts the run may spend.")
     if budget < len(val_examples):
-        raise InvalidParameterError(
+        raise GepaParameterError(
             f"max_metric_calls={budget} is less than the {len(val_examples)} rollouts that "
             "scoring the seed on the validation set takes; raise it (a few times the "
             "validation size lets GEPA try several candidates).")
     threshold: float | None = None
     if score_threshold is not None:
         if isinstance(score_threshold, bool) or not isinstance(score_threshold, int | float):
-            raise InvalidParameterError(
+            raise GepaParameterError(
                 f"score_threshold must be a number or None; got {score_threshold!r}.")
         threshold = float(score_threshold)
     folder: Path | None = None
     if run_dir is not None:
         if not isinstance(run_dir, str | Path) or not str(run_dir).strip():
-            raise InvalidParameterError(f"run_dir must be a path or None; got {run_dir!r}.")
+            raise GepaParameterError(f"run_dir must be a path or None; got {run_dir!r}.")
         folder = Path(run_dir).expanduser()
         if folder.exists() and not folder.is_dir():
-            raise InvalidParameterError(f"run_dir {str(folder)!r} exists and is not a folder.")
+            raise GepaParameterError(f"run_dir {str(folder)!r} exists and is not a folder.")
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise InvalidParameterError(f"seed must be an int; got {seed!r}.")
+        raise GepaParameterError(f"seed must be an int; got {seed!r}.")
     if model is not None and (not isinstance(model, str) or not model):
-        raise InvalidParameterError(f"model must be a non-empty string or None; got {model!r}.")
+        raise GepaParameterError(f"model must be a non-empty string or None; got {model!r}.")
     if policy_config is not None and not isinstance(policy_config, Mapping):
-        raise InvalidParameterError(f"policy_config must be a dict; got {policy_config!r}.")
+        raise GepaParameterError(f"policy_config must be a dict; got {policy_config!r}.")
     if env_name is not None and not isinstance(env_name, str):
-        raise InvalidParameterError(f"env_name must be a string or None; got {env_name!r}.")
+        raise GepaParameterError(f"env_name must be a string or None; got {env_name!r}.")
     timeout = optional_seconds(rollout_timeout, "rollout_timeout")
     if timeout is None:
-        raise InvalidParameterError("rollout_timeout must be a positive number of seconds.")
+        raise GepaParameterError("rollout_timeout must be a positive number of seconds.")
     extra = dict(gepa_options) if isinstance(gepa_options, Mapping) else None
     if gepa_options is not None and extra is None:
-        raise InvalidParameterError(f"gepa_options must be a dict; got {gepa_options!r}.")
+        raise GepaParameterError(f"gepa_options must be a dict; got {gepa_options!r}.")
     clash = sorted(set(extra or {}) & RESERVED_GEPA_OPTIONS)
     if clash:
-        raise InvalidParameterError(
+        raise GepaParameterError(
             f"gepa_options may not set {clash}: the run sets them itself (use the arguments "
             "of start_gepa of the same meaning).")
     if name is not None and (not isinstance(name, str) or not name.strip()):
-        raise InvalidParameterError(f"name must be a non-empty string or None; got {name!r}.")
+        raise GepaParameterError(f"name must be a non-empty string or None; got {name!r}.")
     return RunOptions(
         name=name or f"gepa-{secrets.token_hex(2)}",
         seed_candidate=candidate,

@@ -11,8 +11,8 @@ import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidParameterError, mask_secret, scrub_secrets
-from .errors import GepaError
+from ..errors import mask_secret, scrub_secrets
+from .errors import GepaError, GepaParameterError
 from .options import check_http_url
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ class ChatCompletionsLM:
                  max_tokens: int | None = None, timeout: float = 300.0,
                  headers: Mapping[str, str] | None = None) -> None:
         if not isinstance(model, str) or not model:
-            raise InvalidParameterError(f"ChatCompletionsLM needs a model name; got {model!r}.")
+            raise GepaParameterError(f"ChatCompletionsLM needs a model name; got {model!r}.")
         self.model = model
         self.base_url = check_http_url(base_url, "ChatCompletionsLM base_url").rstrip("/")
         self._api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
@@ -182,9 +182,9 @@ def resolve_reflection_lm(value: object) -> Any:
     """Check ``reflection_lm`` before a run starts; returns what gepa is given."""
     if isinstance(value, str):
         if not value.strip():
-            raise InvalidParameterError("reflection_lm is an empty string.")
+            raise GepaParameterError("reflection_lm is an empty string.")
         if importlib.util.find_spec("litellm") is None:
-            raise InvalidParameterError(
+            raise GepaParameterError(
                 f"reflection_lm={value!r} is a gepa (litellm) model string, but litellm is not "
                 "installed. Run `pip install litellm`, or pass reflection_lm=ChatCompletionsLM("
                 "'model-name', base_url=..., api_key=...) which needs no litellm.")
@@ -193,7 +193,7 @@ def resolve_reflection_lm(value: object) -> Any:
         return LM(value)
     if callable(value):
         return value if hasattr(value, "total_cost") else CountingLM(value)
-    raise InvalidParameterError(
+    raise GepaParameterError(
         "reflection_lm must be a gepa model string ('openai/gpt-4.1'), a ChatCompletionsLM, or "
         f"any callable prompt -> str; got {type(value).__name__}.")
 

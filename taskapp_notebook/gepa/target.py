@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidParameterError
+from .errors import GepaParameterError
 from .options import check_http_url
 
 if TYPE_CHECKING:
@@ -57,16 +57,16 @@ def resolve_target(task_app: Any, *, api_key: str | None, worker_token: str | No
 
     if isinstance(task_app, InProcessTaskApp):
         if not task_app.is_running:
-            raise InvalidParameterError(
+            raise GepaParameterError(
                 f"The task app {task_app.name!r} is {task_app.state}; start it first "
                 "(run its %%taskapp cell, or await task_app.astart()).")
         if api_key is not None or worker_token is not None:
-            raise InvalidParameterError(
+            raise GepaParameterError(
                 "api_key= and worker_token= are for URL targets; an InProcessTaskApp brings "
                 "its own credentials.")
         if through_tunnel:
             if not task_app.url:
-                raise InvalidParameterError(f"The task app {task_app.name!r} has no public URL.")
+                raise GepaParameterError(f"The task app {task_app.name!r} has no public URL.")
             headers = {"X-API-Key": task_app.api_key}
             token = task_app.task_app_worker_token
             if token:
@@ -79,10 +79,10 @@ def resolve_target(task_app: Any, *, api_key: str | None, worker_token: str | No
     if isinstance(task_app, str):
         url = check_http_url(task_app, "task_app").rstrip("/")
         if through_tunnel:
-            raise InvalidParameterError("through_tunnel= applies to an InProcessTaskApp; a URL "
+            raise GepaParameterError("through_tunnel= applies to an InProcessTaskApp; a URL "
                                         "target is called at the URL given.")
         if api_key is None and worker_token is None:
-            raise InvalidParameterError(
+            raise GepaParameterError(
                 f"Calling the task app at {url!r} needs credentials: api_key= (its "
                 "ENVIRONMENT_API_KEY) for a local URL, or worker_token= for a SynthTunnel URL.")
         sent: dict[str, str] = {}
@@ -94,11 +94,11 @@ def resolve_target(task_app: Any, *, api_key: str | None, worker_token: str | No
             sent.update({WORKER_TOKEN_HEADER: worker_token,
                             "Authorization": f"Bearer {worker_token}"})
         return AppTarget(url, url, sent, None, [api_key, worker_token])
-    raise InvalidParameterError(
+    raise GepaParameterError(
         "task_app must be a running InProcessTaskApp or the task app's URL (with api_key= or "
         f"worker_token=); got a {type(task_app).__name__}.")
 
 
 def _check_secret(value: object, what: str) -> None:
     if not isinstance(value, str) or not value.strip():
-        raise InvalidParameterError(f"{what} must be a non-empty string.")
+        raise GepaParameterError(f"{what} must be a non-empty string.")
