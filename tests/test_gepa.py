@@ -468,3 +468,13 @@ async def test_stop_after_the_current_iteration() -> None:
         assert result.rollout_errors == 0
     finally:
         await task_app.astop()
+
+
+def test_gepa_exports_resolve() -> None:
+    import taskapp_notebook.gepa as package
+
+    assert package.__all__ == sorted(package.__all__)
+    for name in package.__all__:
+        assert getattr(package, name).__module__.startswith("taskapp_notebook.gepa"), name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        package.nope  # noqa: B018
