@@ -204,6 +204,9 @@ class TaskAppAdapter:
             start += size
             outputs = [r[0] for r in chunk]
             objectives: list[Any] = [r[0].get("objectives") for r in chunk]
+            names = sorted({name for o in objectives if o for name in o})
+            if names:  # a failed rollout scores 0 on every objective too
+                objectives = [o or dict.fromkeys(names, 0.0) for o in objectives]
             out.append(EvaluationBatch(
                 outputs=outputs, scores=[r[1] for r in chunk],
                 trajectories=[{**r[0], "calls": r[2]} for r in chunk] if capture else None,
