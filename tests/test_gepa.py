@@ -271,6 +271,12 @@ async def test_url_target_with_key_and_deadlock_guard(app: InProcessTaskApp) -> 
     bad_key = start_gepa(app.local_url, api_key="wrong-key-999999", **common())
     with pytest.raises(GepaRunError, match="not healthy"):
         await bad_key
+    assert bad_key.progress.snapshot().state == "failed"
+    assert await asyncio.to_thread(wait_for, lambda: not gepa_threads(), 10)
+    interceptor_url = bad_key.interceptor.url
+    assert interceptor_url is not None
+    with pytest.raises(httpx.ConnectError):  # its interceptor is gone too
+        httpx.get(interceptor_url + "/health", trust_env=False)
     # an app served on *this* loop: waiting synchronously here would deadlock
     here = InProcessTaskApp(config=task_config(), tunnel_mode="local", serve_on="loop",
                             port=free_port())
