@@ -192,6 +192,11 @@ async def test_run_improves_the_prompt_over_http_upstream(
     assert snap.state == "succeeded" and snap.best_score == 1.0
     assert snap.score_history[0] == (0, result.seed_score)
     assert snap.best is not None and snap.best.components["system_prompt"] == result.best_prompt
+    assert snap.best.on_front and snap.best.parents and snap.best.iteration >= 1
+    assert snap.seed is not None and snap.seed.id == "c0" and snap.seed.parents == ()
+    assert snap.budget_used == result.budget_used and snap.budget_total == 60
+    assert snap.rollouts == result.rollouts and snap.rollouts_per_second
+    assert [p[0] for p in snap.score_history] == list(range(len(result.history) + 1))
     # the run folder: JSON, no secret anywhere (files, logs, reprs)
     files = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"result.json", "best_candidate.json", "model_calls.jsonl"} <= files

@@ -39,6 +39,8 @@ import asyncio, json, threading
 print("PROBE " + json.dumps({
     "state": run.state, "pushes": len(pushes), "budget": run.progress.snapshot().budget_used,
     "iteration": run.progress.snapshot().iteration,
+    "candidates": len(run.progress.snapshot().candidates),
+    "points": len(run.progress.snapshot().score_history),
     "gepa_threads": [t.name for t in threading.enumerate() if t.name.startswith("taskapp-gepa")],
     "tasks": len(asyncio.all_tasks()),
 }))
@@ -78,6 +80,7 @@ def test_run_in_the_background_of_a_kernel(kernel: Kernel) -> None:
     second = probe(kernel)
     assert second["state"] == "running", second
     assert second["budget"] > first["budget"] and second["pushes"] > first["pushes"]
+    assert second["candidates"] >= 2 and second["points"] > first["points"]
     assert second["gepa_threads"] == ["taskapp-gepa-kernel-run"]  # I/O on the kernel's loop
 
     # "Interrupt kernel" while idle never touches the run
