@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from ..progress import CandidateSummary, RunProgress
@@ -20,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between two progress pushes caused by single rollouts.
 _PUSH_EVERY = 0.25
+#: Rollouts per second are counted over this many recent seconds.
+_RATE_WINDOW = 5.0
 
 
 def candidate_id(index: int) -> str:
@@ -44,6 +47,7 @@ class RunLedger:
         self._elapsed_before = 0.0
         self._last_push = 0.0
         self._iteration: dict[str, Any] = {}
+        self._samples: deque[tuple[float, int]] = deque([(self._started, 0)])
 
     # ------------------------------------------------------------------ adapter side
 
@@ -56,12 +60,19 @@ class RunLedger:
         if due:
             self.push_counts()
 
-    def push_counts(self) -> None:
+    def push_counts(self, *, final: bool = False) -> None:
+        """Counts into the progress; the rate is over the last ``_RATE_WINDOW`` seconds
+        while running (it drops while gepa reflects) and over the whole run at the end."""
         with self._lock:
-            self._last_push = time.monotonic()
-            elapsed = self._last_push - self._started
-            done = self.rollouts - self._rollouts_at_start
-            rate = done / elapsed if elapsed > 0 and done else None
+            now = self._last_push = time.monotonic()
+            self._samples.append((now, self.rollouts))
+            while len(self._samples) > 2 and now - self._samples[1][0] >= _RATE_WINDOW:
+                self._samples.popleft()
+            since, before = self._samples[0]
+            if final or now - since <= 0:
+                since, before = self._started, self._rollouts_at_start
+            done = self.rollouts - before
+            rate = done / (now - since) if now > since and done else None
             rollouts, errors = self.rollouts, self.rollout_errors
         self.progress.update(rollouts=rollouts, rollout_errors=errors,
                              rollouts_per_second=round(rate, 2) if rate else None)
@@ -83,6 +94,7 @@ class RunLedger:
             self.rollouts = int(data.get("rollouts", 0))
             self.rollout_errors = int(data.get("rollout_errors", 0))
             self._rollouts_at_start = self.rollouts
+            self._samples = deque([(self._started, self.rollouts)])
             self._elapsed_before = float(data.get("elapsed", 0.0))
             self.found_at = {int(k): int(v) for k, v in data.get("found_at", {}).items()}
         points = [(int(r["iteration"]), float(r["best_score"])) for r in self.history

@@ -350,7 +350,7 @@ class GepaRun:
         return result
 
     def _finish(self, outcome: str, message: str, result: GepaResult | None) -> None:
-        self._ledger.push_counts()
+        self._ledger.push_counts(final=True)
         self.progress.update(state=outcome, message=message,
                              extra={"run_dir": str(self.options.run_dir or ""),
                                     "model_calls": self.interceptor.calls})
