@@ -489,3 +489,17 @@ def test_gepa_exports_resolve() -> None:
         assert getattr(package, name).__module__.startswith("taskapp_notebook.gepa"), name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         package.nope  # noqa: B018
+
+
+async def test_a_run_whose_every_rollout_fails_stops_with_the_reason(
+        app: InProcessTaskApp) -> None:
+    # the upstream is down: the interceptor answers 502, the app's rollout raises (HTTP 500)
+    down = Upstream(f"http://127.0.0.1:{free_port()}/v1", api_key=UPSTREAM_KEY)
+    with pytest.raises(GepaRunError, match="every rollout of the seed's evaluation failed") as err:
+        await start_gepa(app, **common(upstream=down))
+    assert "HTTP 500" in str(err.value) and UPSTREAM_KEY not in str(err.value)
+    partial = err.value.result
+    assert partial is not None and partial.budget_used == 6  # the seed's validation only
+    assert partial.rollout_errors == 6 and partial.iterations == 0
+    with pytest.raises(InvalidParameterError, match="part before /chat/completions"):
+        Upstream("https://api.openai.com/v1/chat/completions")

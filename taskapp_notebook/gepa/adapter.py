@@ -266,7 +266,7 @@ class TaskAppAdapter:
             objectives = info.get("outcome_objectives")
             if isinstance(objectives, dict) and objectives:
                 output["objectives"] = {str(k): float(v) for k, v in objectives.items()}
-            self.ledger.rollout_done(error=False)
+            self.ledger.rollout_done()
             return output, reward, self.interceptor.take_calls(rid)
 
     def _request(self, cid: str, rid: str, candidate: dict[str, str],
@@ -291,7 +291,7 @@ class TaskAppAdapter:
     def _failed(self, output: dict[str, Any], error: str,
                 rid: str) -> tuple[dict[str, Any], float, list[ModelCall]]:
         output.update(reward=0.0, error=error)
-        self.ledger.rollout_done(error=True)
+        self.ledger.rollout_done(error=error)
         return output, 0.0, self.interceptor.take_calls(rid)
 
     def _text(self, response: httpx.Response) -> str:

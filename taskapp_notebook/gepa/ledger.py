@@ -41,6 +41,9 @@ class RunLedger:
         self.rollout_errors = 0
         self.found_at: dict[int, int] = {0: 0}
         self.interrupted = False
+        self.first_error: str | None = None
+        #: Set when every rollout of the seed's evaluation failed: nothing to optimise.
+        self.broken: str | None = None
         self._lock = threading.Lock()
         self._started = time.monotonic()
         self._rollouts_at_start = 0
@@ -51,11 +54,13 @@ class RunLedger:
 
     # ------------------------------------------------------------------ adapter side
 
-    def rollout_done(self, *, error: bool) -> None:
+    def rollout_done(self, *, error: str | None = None) -> None:
         with self._lock:
             self.rollouts += 1
-            if error:
+            if error is not None:
                 self.rollout_errors += 1
+                if self.first_error is None:
+                    self.first_error = error
             due = time.monotonic() - self._last_push >= _PUSH_EVERY
         if due:
             self.push_counts()
@@ -137,6 +142,9 @@ class RunLedger:
         index, iteration = int(event["candidate_idx"]), int(event["iteration"])
         self.found_at.setdefault(index, iteration)
         if iteration == 0 and not self.history:
+            if self.rollouts and self.rollout_errors == self.rollouts:
+                self.broken = (f"every rollout of the seed's evaluation failed (first: "
+                               f"{self.first_error})")
             score = float(event["average_score"])
             self.progress.add_score_point(0, score)
             self.progress.update(seed_score=score, best_score=score,

@@ -63,6 +63,10 @@ class Upstream:
 
     def __post_init__(self) -> None:
         check_http_url(self.base_url, "Upstream.base_url")
+        if self.base_url.rstrip("/").endswith("/chat/completions"):
+            raise GepaParameterError(
+                f"Upstream.base_url is the part before /chat/completions (e.g. "
+                f"'https://api.openai.com/v1'); got {self.base_url!r}.")
         object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
         if not (isinstance(self.timeout, int | float) and self.timeout > 0):
             raise GepaParameterError(

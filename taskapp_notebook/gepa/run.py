@@ -245,7 +245,9 @@ class GepaRun:
 
         options = self.options
         guard = self.reflection_lm
-        stoppers: list[Any] = [lambda state: self._stop_requested.is_set() or guard.exhausted]
+        ledger = self._ledger
+        stoppers: list[Any] = [lambda state: self._stop_requested.is_set() or guard.exhausted
+                               or ledger.broken is not None]
         if options.time_limit is not None:
             stoppers.append(TimeoutStopCondition(options.time_limit))
         if options.score_threshold is not None:
@@ -291,6 +293,11 @@ class GepaRun:
 
     def _why_ended(self) -> tuple[str, str]:
         snap = self.progress.snapshot()
+        if self._ledger.broken is not None:
+            return "failed", self._scrub(
+                f"The GEPA run {self.name!r} stopped: {self._ledger.broken}. Nothing can be "
+                "optimised while every rollout fails: check the task app (its logs, "
+                "%taskapp logs) and the upstream model (URL, key, model name).")
         if self.reflection_lm.exhausted:
             return "failed", self._scrub(
                 f"The GEPA run {self.name!r} failed: the reflection LM failed "
