@@ -66,3 +66,27 @@ def test_binder_installs_this_package_on_a_supported_python() -> None:
     assert (binder / "runtime.txt").read_text().strip() == "python-3.11"
     assert not (binder / "environment.yml").exists()  # conda would win over requirements.txt
     assert "ipywidgets" in (binder / "requirements.txt").read_text()
+
+
+def test_gepa_notebook_improves_the_prompt_through_the_tunnel() -> None:
+    """gepa_local.ipynb: the last code cell is a plain dict with best > seed; the cell that
+    needs a real model (tag ``skip-execution``) is not run."""
+    import ast
+
+    path = NOTEBOOK_DIR / "gepa_local.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    skipped = [c for c in code if "skip-execution" in c.metadata.get("tags", [])]
+    assert len(skipped) == 1 and skipped[0].execution_count is None
+    assert "Upstream(" in skipped[0].source and "ChatCompletionsLM(" in skipped[0].source
+    last = [c for c in code if c not in skipped][-1]
+    (result,) = [o for o in last.outputs if o["output_type"] == "execute_result"]
+    figures = ast.literal_eval(result["data"]["text/plain"])
+    assert set(figures) == {"seed_score", "best_score", "rollouts"}
+    assert figures["best_score"] > figures["seed_score"] and figures["rollouts"] > 0
+    run_cell = next(c for c in code if "start_gepa(" in c.source)
+    assert "through_tunnel=True" in run_cell.source
+    shown = [o for o in run_cell.outputs if o["output_type"] == "execute_result"]
+    assert shown, "the run's view (or its text fallback) is displayed"
