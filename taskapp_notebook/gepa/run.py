@@ -167,13 +167,13 @@ class GepaRun:
         try:
             for previous in self._after:  # replaced runs free their run_dir and sockets first
                 with contextlib.suppress(BaseException):
-                    previous._done.exception(timeout=60)
+                    previous.wait_finished(timeout=60)
             result = self._execute()
         except GepaRunError as exc:
             self._finish("failed", str(exc), exc.result)
             self._done.set_exception(exc)
         except BaseException as exc:  # noqa: BLE001 - reported through the future
-            message = self._scrub(f"{type(exc).__name__}: {exc}")
+            message = self._without_secrets(f"{type(exc).__name__}: {exc}")
             partial = self._build_result("failed", message)
             self._finish("failed", message, partial)
             self._done.set_exception(GepaRunError(f"The GEPA run {self.name!r} failed: "
@@ -273,7 +273,7 @@ class GepaRun:
         except RunInterrupted as stop:
             return "stopped", self._interrupted_message(stop)
         except Exception as exc:  # noqa: BLE001 - the run's failure, reported as such
-            return "failed", self._scrub(f"The GEPA run {self.name!r} failed: "
+            return "failed", self._without_secrets(f"The GEPA run {self.name!r} failed: "
                                          f"{type(exc).__name__}: {exc}")
         return self._why_ended()
 
@@ -283,7 +283,8 @@ class GepaRun:
                  else "before the seed was scored")
         kept = ("the best candidate so far is kept" if self._ledger.state is not None
                 else "nothing was scored yet")
-        text = (f"Stopped {where}: {self._scrub(stop.reason)}. The unfinished iteration was "
+        reason = self._without_secrets(stop.reason)
+        text = (f"Stopped {where}: {reason}. The unfinished iteration was "
                 f"discarded (no failed rollout was scored); {kept}.")
         if stop.kind == "unavailable":
             text += (" Start the task app again and run with the same run_dir to resume."
@@ -294,12 +295,12 @@ class GepaRun:
     def _why_ended(self) -> tuple[str, str]:
         snap = self.progress.snapshot()
         if self._ledger.broken is not None:
-            return "failed", self._scrub(
+            return "failed", self._without_secrets(
                 f"The GEPA run {self.name!r} stopped: {self._ledger.broken}. Nothing can be "
                 "optimised while every rollout fails: check the task app (its logs, "
                 "%taskapp logs) and the upstream model (URL, key, model name).")
         if self.reflection_lm.exhausted:
-            return "failed", self._scrub(
+            return "failed", self._without_secrets(
                 f"The GEPA run {self.name!r} failed: the reflection LM failed "
                 f"{self.reflection_lm.failures} times in a row (last: "
                 f"{self.reflection_lm.last_error}). Check its model name, URL and key.")
@@ -364,10 +365,20 @@ class GepaRun:
         if result is not None:
             logger.info("GEPA run %r %s: %s", self.name, outcome, message)
 
-    def _scrub(self, text: str) -> str:
+    def _without_secrets(self, text: str) -> str:
         upstream = self.interceptor.upstream
         keys = [upstream.api_key] if isinstance(upstream, Upstream) else []
         return scrub_secrets(text, [*self.target.secrets, *keys])
+
+    def wait_finished(self, timeout: float | None = None) -> None:
+        """Block until the run has ended, however it ended (never raises its error)."""
+        with contextlib.suppress(BaseException):
+            self._done.exception(timeout=timeout)
+
+    def join_thread(self, timeout: float | None = None) -> None:
+        """Wait for the run's worker thread (its clean-up included) to exit."""
+        if self._thread is not None:
+            self._thread.join(timeout)
 
 
 def check_can_block(target: AppTarget, what: str) -> None:
@@ -397,6 +408,4 @@ def wait_all_runs(timeout: float = 30.0) -> None:
     """Wait for stopped runs to finish their clean-up (from a thread that may block)."""
     deadline = time.monotonic() + timeout
     for run in list(_active):
-        thread = run._thread
-        if thread is not None:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        run.join_thread(max(0.0, deadline - time.monotonic()))

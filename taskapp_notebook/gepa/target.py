@@ -40,7 +40,8 @@ class AppTarget:
 
         for app in registry.running():
             if self.url in (app.local_url, (app.url or "").rstrip("/")):
-                return app.loop
+                loop: asyncio.AbstractEventLoop | None = app.loop
+                return loop
         return None
 
     def unavailable(self) -> str | None:
