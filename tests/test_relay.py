@@ -659,27 +659,27 @@ async def test_stop_closes_agents_and_fails_requests_in_flight(client: httpx.Asy
     assert port_is_free(port) and not relay.running
 
 
-def test_req_body_frames_equal_json_dumps_and_bad_base64_is_rejected():
-    from taskapp_notebook.relay.frames import (
-        FrameError,
-        RespBody,
-        encode_req_body,
-        parse_agent_frame,
-    )
-
-    data = os.urandom(65536)
-    for rid in ("rid_0123", 'odd "rid" \\ é\n'):
-        for chunk in (b"", data, memoryview(data)[100:5000]):
-            text = encode_req_body(rid, chunk)
-            expected = {
-                "type": "REQ_BODY",
-                "rid": rid,
-                "chunk_b64": base64.b64encode(chunk).decode(),
-            }
-            assert json.loads(text) == expected
-            assert text == json.dumps(expected, separators=(",", ":"))
-    frame = {"type": "RESP_BODY", "rid": "r", "chunk_b64": base64.b64encode(data).decode()}
-    assert parse_agent_frame(json.dumps(frame)) == RespBody("r", data)
-    for bad in ("QQ=", "QQ==QQ==", "QU JD", "QUJD\n", "é", "=QQ=", "QQ==="):
-        with pytest.raises(FrameError, match="not valid base64"):
-            parse_agent_frame(json.dumps({**frame, "chunk_b64": bad}))
+async def test_header_rules_and_binary_messages_at_the_relay(
+    relay: RelayServer, client: httpx.AsyncClient
+):
+    """The drift once between relay and agent, resolved in the shared rules: headers a
+    ``Connection`` header names are dropped both ways, an unwritable (empty-named) response
+    header is dropped, and a binary message is not a frame (skipped, request unharmed)."""
+    lease = await new_lease(client, relay)
+    ws = await attach_raw(lease)
+    try:
+        headers = {**worker(lease), "Connection": "x-secret", "X-Secret": "1", "X-Ok": "1"}
+        call = asyncio.create_task(client.get(lease["public_url"] + "/h", headers=headers))
+        req = await next_frame(ws, "REQ_HEADERS")
+        names = [name for name, _ in req["headers"]]
+        assert "x-ok" in names and "x-secret" not in names and "connection" not in names
+        rid, lease_id = req["rid"], lease["lease_id"]
+        wrong = {"type": "RESP_HEADERS", "lease_id": lease_id, "rid": rid, "status": 500}
+        await ws.send(json.dumps(wrong).encode())  # binary: skipped
+        response_headers = [["", "v"], ["Connection", "x-hop"], ["x-hop", "1"], ["x-app", "2"]]
+        await ws.send(json.dumps({**wrong, "status": 200, "headers": response_headers}))
+        await ws.send(json.dumps({"type": "RESP_END", "lease_id": lease_id, "rid": rid}))
+        r = await call
+        assert r.status_code == 200 and r.headers["x-app"] == "2" and "x-hop" not in r.headers
+    finally:
+        await ws.close()

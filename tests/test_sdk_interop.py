@@ -36,8 +36,8 @@ from support import free_port
 
 from taskapp_notebook import InProcessTaskApp
 from taskapp_notebook.relay import RelayConfig, RelayServer
-from taskapp_notebook.relay import agents as relay_agents
 from taskapp_notebook.relay import endpoint as relay_endpoint
+from taskapp_notebook.relay import sessions as relay_sessions
 
 ROOT = Path(__file__).resolve().parent.parent
 SDK_PYTHON = ROOT / ".venv-sdk" / "bin" / "python"
@@ -126,7 +126,7 @@ class FrameLog:
 
 def spy_on_frames(mp: pytest.MonkeyPatch, log: FrameLog) -> None:
     """Record every message the relay parses from an agent and every frame it sends."""
-    for module in (relay_endpoint, relay_agents):
+    for module in (relay_endpoint, relay_sessions):
         real_parse = module.parse_agent_frame
 
         def parse(message: str | bytes, _real: Any = real_parse) -> Any:
@@ -134,13 +134,13 @@ def spy_on_frames(mp: pytest.MonkeyPatch, log: FrameLog) -> None:
             return _real(message)
 
         mp.setattr(module, "parse_agent_frame", parse)
-    real_send = relay_agents.AgentSession.send
+    real_send = relay_sessions.AgentSession.send
 
-    async def send(self: relay_agents.AgentSession, text: str) -> None:
+    async def send(self: relay_sessions.AgentSession, text: str) -> None:
         log.record("out", text)
         await real_send(self, text)
 
-    mp.setattr(relay_agents.AgentSession, "send", send)
+    mp.setattr(relay_sessions.AgentSession, "send", send)
 
 
 # -- the SDK driver -------------------------------------------------------------------------

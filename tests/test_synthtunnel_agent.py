@@ -34,10 +34,10 @@ from websockets.http11 import Request as WSRequest
 from websockets.http11 import Response as WSResponse
 
 from taskapp_notebook.errors import TunnelError
-from taskapp_notebook.tunnels import synthtunnel_agent
 from taskapp_notebook.tunnels.base import TunnelContext, TunnelState, create_tunnel
 from taskapp_notebook.tunnels.synthtunnel import SynthTunnel
-from taskapp_notebook.tunnels.synthtunnel_leases import client_instance_id
+from taskapp_notebook.tunnels.synthtunnel import agent as synthtunnel_agent
+from taskapp_notebook.tunnels.synthtunnel.lease_client import client_instance_id
 
 logger = logging.getLogger(__name__)
 
@@ -675,6 +675,24 @@ async def test_bad_frames_are_skipped_or_answered_with_bad_request_frame(
     assert conn.frames("no-lease") == [] and conn.frames("unknown") == []
 
 
+async def test_header_rules_and_binary_messages_at_the_agent(
+    relay: SynthTunnelTestRelay, tunnel: SynthTunnel
+) -> None:
+    """The drift once between agent and relay, resolved in the shared rules: an empty
+    header name is dropped (not a BAD_REQUEST_FRAME), headers a ``Connection`` header names
+    are dropped, and a binary message is not a frame (skipped)."""
+    conn = only_conn(relay)
+    binary = {"type": "REQ_HEADERS", "lease_id": "lease_1", "rid": "bin", "method": "GET"}
+    await conn.send(json.dumps({**binary, "path": "/echo"}).encode())
+    headers = [["", "x"], ["Connection", "x-secret"], ["x-secret", "1"], ["x-ok", "1"]]
+    await conn.request("h", "GET", "/echo", headers=headers)
+    frames = await conn.response("h")
+    assert [f["type"] for f in frames][0] == "RESP_HEADERS" and frames[-1]["type"] == "RESP_END"
+    seen = [name for name, _ in json.loads(body_of(frames))["headers"]]
+    assert "x-ok" in seen and "x-secret" not in seen and "" not in seen
+    assert conn.frames("bin") == []
+
+
 async def test_local_failures_map_to_resp_error_codes(
     relay: SynthTunnelTestRelay, tunnel: SynthTunnel, events: list[str]
 ) -> None:
@@ -1163,35 +1181,10 @@ def test_body_bounds_are_validated() -> None:
         SynthTunnel(body_stall_timeout=-1)
 
 
-def test_resp_body_frames_equal_json_dumps_and_bad_base64_is_rejected():
-    from taskapp_notebook.tunnels.synthtunnel_frames import (
-        FrameError,
-        RespBodyEncoder,
-        b64decode,
-        dumps,
-        resp_body,
-        split_chunks,
-    )
-
-    data = os.urandom(200_000)
-    pieces = list(split_chunks(data))
-    assert [len(p) for p in pieces] == [65536, 65536, 65536, 3392]
-    assert b"".join(pieces) == data and list(split_chunks(b"")) == []
-    for lease_id, rid in (("lease_1", "rid_1"), ('le"ase\\', "rïd\n")):
-        encode = RespBodyEncoder(lease_id, rid)
-        for piece in [*pieces, b"x", b""]:
-            text = encode(piece)
-            assert text == dumps(resp_body(lease_id, rid, bytes(piece)))
-            assert b64decode(json.loads(text)["chunk_b64"]) == bytes(piece)
-    for bad in ("QQ=", "QQ==QQ==", "QU JD", "QUJD\n", "é", "=QQ=", "QQ===", None):
-        with pytest.raises(FrameError):
-            b64decode(bad)
-
-
 def test_reconnect_backoff_starts_under_a_second_and_is_spread() -> None:
     from itertools import islice
 
-    from taskapp_notebook.tunnels.synthtunnel_agent import backoff
+    from taskapp_notebook.tunnels.synthtunnel.agent import backoff
 
     runs = [list(islice(backoff(), 8)) for _ in range(50)]
     assert all(run[0] <= 1.0 for run in runs)  # first retry within a second

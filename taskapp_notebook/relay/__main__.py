@@ -21,7 +21,7 @@ import signal
 from collections.abc import Sequence
 
 from .config import RelayConfig
-from .server import RelayServer
+from .relay_server import RelayServer
 
 logger = logging.getLogger("taskapp_notebook.relay")
 

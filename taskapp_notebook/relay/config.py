@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .frames import MAX_MESSAGE_BYTES
+from ..tunnels.synthtunnel.protocol import MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)

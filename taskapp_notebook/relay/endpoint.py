@@ -23,10 +23,16 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from ..errors import mask_secret
-from .agents import WARN_MALFORMED, AgentGoneError, AgentSession
-from .frames import Attach, FrameError, encode_attach_ack, parse_agent_frame
-from .leases import Lease, iso_z
+from ..tunnels.synthtunnel.protocol import (
+    Attach,
+    AttachAck,
+    FrameError,
+    encode,
+    parse_agent_frame,
+)
+from .lease_store import Lease, iso_z
 from .problems import bearer, new_request_id, problem_body
+from .sessions import WARN_MALFORMED, AgentGoneError, AgentSession
 from .state import AGENT_PATH, CLOSE_LEASE_GONE, RelayState
 
 logger = logging.getLogger(__name__)
@@ -247,7 +253,7 @@ class AgentEndpoint:
         return None
 
     def _attach(self, session: AgentSession, lease: Lease, frame: Attach) -> str:
-        listed = set(frame.lease_ids)
+        listed = {target.lease_id for target in frame.leases}
         if listed and lease.lease_id not in listed:
             logger.warning(
                 "%s: ATTACH does not list lease %s, which its token opened; attaching it anyway",
@@ -261,9 +267,11 @@ class AgentEndpoint:
                 len(listed - {lease.lease_id}),
             )
         self.state.attach(session, lease)
-        return encode_attach_ack(
-            frame.agent_id,
-            [{"lease_id": lease.lease_id, "expires_at": iso_z(lease.expires_at)}],
+        return encode(
+            AttachAck(
+                frame.agent_id,
+                ({"lease_id": lease.lease_id, "expires_at": iso_z(lease.expires_at)},),
+            )
         )
 
     async def aclose(self) -> None:

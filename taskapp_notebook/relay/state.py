@@ -11,9 +11,9 @@ from typing import Any
 from urllib.parse import quote
 
 from ..errors import mask_secret
-from .agents import AgentSession
 from .config import RelayConfig
-from .leases import Lease, LeaseStore, digest, iso_z
+from .lease_store import Lease, LeaseStore, digest, iso_z
+from .sessions import AgentSession
 
 logger = logging.getLogger(__name__)
 

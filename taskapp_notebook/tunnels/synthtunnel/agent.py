@@ -2,10 +2,10 @@
 
 ``LeaseAgent.connect()`` opens the WebSocket and ATTACHes; ``start()`` runs the receive loop
 as a task that reconnects (0.25, 0.5, 1, 2, 4, then every 5 s) until ``close()``. Each
-request is a task (``synthtunnel_forward``); ``max_inflight`` and CANCEL are enforced here,
+request is a task (``forward``); ``max_inflight`` and CANCEL are enforced here,
 and so are the bounds on buffered request bodies: a REQ_BODY that does not fit makes the
 receive loop wait for the app at most ``body_stall_timeout``, then the request with the
-most buffered bytes fails with ``REQUEST_BODY_OVERFLOW`` (why: ``synthtunnel_forward``).
+most buffered bytes fails with ``REQUEST_BODY_OVERFLOW`` (why: ``forward``).
 """
 
 from __future__ import annotations
@@ -19,15 +19,14 @@ import logging
 import random
 import socket
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
-from ..errors import TunnelError
-from .base import TunnelState
-from .synthtunnel_forward import (
+from ...errors import TunnelError
+from ..base import TunnelState
+from .forward import (
     AGENT_BUFFER_BYTES,
     BODY_STALL_TIMEOUT,
     REQUEST_BUFFER_BYTES,
@@ -35,19 +34,25 @@ from .synthtunnel_forward import (
     ForwardedRequest,
     check_body_bounds,
 )
-from .synthtunnel_frames import (
+from .lease_client import Lease, scrub
+from .protocol import (
     AGENT_OVERLOADED,
     BAD_REQUEST_FRAME,
+    MAX_BODY_CHUNK,
     MAX_MESSAGE_BYTES,
     REQUEST_BODY_OVERFLOW,
+    Attach,
+    AttachAck,
+    Cancel,
     FrameError,
-    attach,
-    b64decode,
-    dumps,
-    loads,
-    resp_error,
+    LeaseTarget,
+    ReqBody,
+    ReqEnd,
+    ReqHeaders,
+    RespError,
+    encode,
+    parse_relay_frame,
 )
-from .synthtunnel_leases import Lease, scrub
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +72,18 @@ def backoff(jitter: float = 0.2) -> Iterator[float]:
 
 class LeaseRejectedError(TunnelError):
     """The relay refused the agent token (the lease expired or was deleted)."""
+
+
+def _describe(message: str | bytes) -> tuple[str, str]:
+    """What a relay sent instead of ATTACH_ACK: its type, and ``": <detail>"`` or ""."""
+    try:
+        doc = json.loads(message)
+    except (ValueError, RecursionError):
+        doc = None
+    if not isinstance(doc, dict):
+        return "a message that is not a frame", ""
+    detail = doc.get("detail") or doc.get("message") or ""
+    return repr(doc.get("type")), (f": {detail!r:.300}" if detail else "")
 
 
 def _problem_text(body: bytes | bytearray | None) -> str:
@@ -184,27 +201,27 @@ class LeaseAgent:
             message = f"Could not connect to {where}: {type(exc).__name__}: {exc}"
             raise TunnelError(scrub(message, self._secrets())) from None
         try:
-            frame = attach(
+            attach = Attach(
                 self.agent_id,
-                [(self.lease.lease_id, self.local_host, self.local_port)],
-                self.max_inflight,
+                (LeaseTarget(self.lease.lease_id, self.local_host, self.local_port),),
+                {
+                    "max_body_chunk_bytes": MAX_BODY_CHUNK,
+                    "max_inflight": self.max_inflight,
+                    "streaming": True,
+                    "supports_cancel": True,
+                },
             )
-            await ws.send(dumps(frame))
+            await ws.send(encode(attach))
             async with asyncio.timeout(ATTACH_ACK_TIMEOUT):
                 ack = await ws.recv()
             try:
-                reply = loads(ack)
+                reply = parse_relay_frame(ack)
             except FrameError:
-                reply = {"type": None}
-            if reply.get("type") != "ATTACH_ACK":
-                detail = reply.get("detail") or reply.get("message") or ""
-                raise TunnelError(
-                    scrub(
-                        f"{where} answered ATTACH with {reply.get('type')!r} instead of ATTACH_ACK"
-                        + (f": {detail!r:.300}" if detail else ""),
-                        self._secrets(),
-                    )
-                )
+                reply = None
+            if not isinstance(reply, AttachAck):
+                kind, detail = _describe(ack)
+                message = f"{where} answered ATTACH with {kind} instead of ATTACH_ACK{detail}"
+                raise TunnelError(scrub(message, self._secrets()))
         except TimeoutError:
             await ws.close()
             raise TunnelError(
@@ -312,81 +329,90 @@ class LeaseAgent:
 
     # -- frames -----------------------------------------------------------------------
 
-    async def _send(self, ws: ClientConnection, frame: dict[str, Any] | str) -> None:
-        await ws.send(frame if isinstance(frame, str) else dumps(frame))
+    async def _send(self, ws: ClientConnection, text: str) -> None:
+        await ws.send(text)
 
     async def _serve(self, ws: ClientConnection) -> None:
         async for message in ws:
             try:
-                frame = loads(message)
+                frame = parse_relay_frame(message)
             except FrameError as exc:
-                logger.debug("SynthTunnel: skipping message (%s)", exc)
+                if exc.rid is None:
+                    logger.debug("SynthTunnel: skipping message (%s)", exc)
+                else:
+                    await self._bad_frame(ws, exc)
                 continue
-            kind = frame["type"]
-            logger.debug("SynthTunnel frame %s rid=%r", kind, frame.get("rid"))
-            if kind == "REQ_HEADERS":
+            if isinstance(frame, ReqHeaders):
                 await self._on_headers(ws, frame)
-            elif kind in ("REQ_BODY", "REQ_END", "CANCEL"):
-                await self._on_request_frame(ws, kind, frame)
+            elif isinstance(frame, ReqBody | ReqEnd | Cancel):
+                await self._on_request_frame(ws, frame)
             else:
-                logger.debug("SynthTunnel: skipping unknown frame type %r", kind)
+                logger.debug("SynthTunnel: skipping %s frame", type(frame).__name__)
 
-    async def _on_headers(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
-        lease_id, rid = frame.get("lease_id"), frame.get("rid")
-        if not isinstance(lease_id, str) or not lease_id or not isinstance(rid, str) or not rid:
-            logger.debug("SynthTunnel: dropping REQ_HEADERS without lease_id/rid")
+    async def _bad_frame(self, ws: ClientConnection, exc: FrameError) -> None:
+        """Answer a broken request frame with BAD_REQUEST_FRAME and forget its request."""
+        assert exc.rid is not None
+        request = self.inflight.get(exc.rid)
+        if request is not None:
+            self._finish(request)
+            lease_id = request.lease_id
+        elif exc.lease_id is not None and exc.rid not in self.inflight:
+            lease_id = exc.lease_id  # a broken REQ_HEADERS
+        else:
+            logger.debug("SynthTunnel: dropping bad frame for unknown rid %r", exc.rid)
             return
+        await self._send(ws, encode(RespError(lease_id, exc.rid, BAD_REQUEST_FRAME, exc.reason)))
+
+    async def _on_headers(self, ws: ClientConnection, frame: ReqHeaders) -> None:
+        lease_id, rid = frame.lease_id, frame.rid
         if rid in self.inflight:
             logger.debug("SynthTunnel: dropping REQ_HEADERS for in-flight rid %r", rid)
             return
         if len(self.inflight) >= self.max_inflight:
             message = f"agent has {len(self.inflight)} requests in flight (max_inflight)"
-            await self._send(ws, resp_error(lease_id, rid, AGENT_OVERLOADED, message))
+            await self._send(ws, encode(RespError(lease_id, rid, AGENT_OVERLOADED, message)))
             return
         try:
             request = ForwardedRequest.from_frame(
                 frame,
-                lease_id=lease_id,
-                rid=rid,
                 local=self.local_base,
                 api_key=self.api_key,
                 budget=self.body_budget,
                 max_buffered=self.request_buffer_bytes,
             )
         except FrameError as exc:
-            await self._send(ws, resp_error(lease_id, rid, BAD_REQUEST_FRAME, str(exc)))
+            await self._send(ws, encode(RespError(lease_id, rid, BAD_REQUEST_FRAME, str(exc))))
             return
         self.inflight[rid] = request
         self._idle.clear()
         request.task = asyncio.get_running_loop().create_task(self._forward(ws, request))
 
     async def _on_request_frame(
-        self, ws: ClientConnection, kind: str, frame: dict[str, Any]
+        self, ws: ClientConnection, frame: ReqBody | ReqEnd | Cancel
     ) -> None:
-        rid = frame.get("rid")
-        request = self.inflight.get(rid) if isinstance(rid, str) else None
+        request = self.inflight.get(frame.rid)
         if request is None:
-            logger.debug("SynthTunnel: dropping %s for unknown rid %r", kind, rid)
+            logger.debug(
+                "SynthTunnel: dropping %s for unknown rid %r", type(frame).__name__, frame.rid
+            )
             return
-        if kind == "CANCEL":
+        if isinstance(frame, Cancel):
             self._finish(request)
             logger.debug("SynthTunnel: request %s cancelled by the relay", request.rid)
             return
         try:
-            if kind == "REQ_BODY":
+            if isinstance(frame, ReqBody):
                 request.check_body()
-                data = b64decode(frame.get("chunk_b64"))
-                if not self._fits(request, len(data)) and not await self._make_room(
-                    ws, request, len(data)
-                ):
+                size = len(frame.data)
+                if not self._fits(request, size) and not await self._make_room(ws, request, size):
                     return  # the request ended or was failed meanwhile: drop the chunk
-                request.feed(data)
+                request.feed(bytes(frame.data))
             else:
                 request.end()
         except FrameError as exc:
             self._finish(request)
             await self._send(
-                ws, resp_error(request.lease_id, request.rid, BAD_REQUEST_FRAME, f"{kind}: {exc}")
+                ws, encode(RespError(request.lease_id, request.rid, BAD_REQUEST_FRAME, str(exc)))
             )
 
     def _fits(self, request: ForwardedRequest, size: int) -> bool:
@@ -427,7 +453,7 @@ class LeaseAgent:
         logger.info("SynthTunnel request %s: %s", request.rid, message)
         self._finish(request)
         await self._send(
-            ws, resp_error(request.lease_id, request.rid, REQUEST_BODY_OVERFLOW, message)
+            ws, encode(RespError(request.lease_id, request.rid, REQUEST_BODY_OVERFLOW, message))
         )
 
     def _finish(self, request: ForwardedRequest) -> None:

@@ -1,9 +1,9 @@
 """SynthTunnel backend: lease a public URL from a SynthTunnel relay and serve it from here.
 
-Lifecycle of :class:`SynthTunnel` (protocol: ``/work/shared/design/synthtunnel-protocol.md``):
+Lifecycle of :class:`SynthTunnel` (protocol: ``docs/synthtunnel-protocol.md``):
 
 - ``preflight`` reads ``SYNTH_API_KEY`` / ``SYNTH_BACKEND_URL`` / ``SYNTH_TUNNEL_TIMEOUT_SEC``.
-- ``open`` POSTs a lease, connects its agent (``synthtunnel_agent``) and ATTACHes.
+- ``open`` POSTs a lease, connects its agent (``agent``) and ATTACHes.
 - A renewal task POSTs again at 80 % of the TTL (or at once when the relay refuses the
   agent token), with ``renew_lease_id`` (our relay then extends the same lease: same
   ``lease_id`` and URL, nothing else to do; the field is dropped if a relay answers 400/422
@@ -25,16 +25,16 @@ from typing import Any
 
 import httpx
 
-from ..errors import TunnelError, mask_secret
-from .base import TunnelContext, TunnelState, TunnelStatus
-from .synthtunnel_agent import LeaseAgent
-from .synthtunnel_forward import (
+from ...errors import TunnelError, mask_secret
+from ..base import TunnelContext, TunnelState, TunnelStatus
+from .agent import LeaseAgent
+from .forward import (
     AGENT_BUFFER_BYTES,
     BODY_STALL_TIMEOUT,
     REQUEST_BUFFER_BYTES,
     check_body_bounds,
 )
-from .synthtunnel_leases import (
+from .lease_client import (
     DEFAULT_TTL_SECONDS,
     Lease,
     LeaseClient,
@@ -84,7 +84,7 @@ class SynthTunnel:
         self.ping_timeout = ping_timeout
         self.drain_timeout = drain_timeout
         self.delete_timeout = delete_timeout
-        #: Bounds on buffered request bodies (see ``synthtunnel_forward``).
+        #: Bounds on buffered request bodies (see ``forward``).
         self.request_buffer_bytes = request_buffer_bytes
         self.agent_buffer_bytes = agent_buffer_bytes
         self.body_stall_timeout = body_stall_timeout

@@ -12,7 +12,7 @@ arrived but that the app has not taken yet are *buffered*; they are bounded twic
 - per request, ``request_buffer_bytes`` (8 MiB by default; :attr:`ForwardedRequest.buffered_bytes`),
 - per agent (one WebSocket), ``agent_buffer_bytes`` (64 MiB; :class:`BodyBudget`).
 
-When a REQ_BODY would go past either bound, the agent's receive loop (``synthtunnel_agent``)
+When a REQ_BODY would go past either bound, the agent's receive loop (``agent``)
 waits for room, for at most ``body_stall_timeout`` (2 s; never more than half the ping
 timeout). While it waits it reads nothing, so back-pressure reaches the relay through the
 WebSocket and TCP (our relay awaits each send and uvicorn in turn stops reading the
@@ -40,33 +40,32 @@ import logging
 import string
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 from urllib.parse import quote
 
 import httpx
 from websockets.exceptions import ConnectionClosed
 
-from .synthtunnel_frames import (
+from .headers import agent_request_headers, header_bytes
+from .protocol import (
     BAD_REQUEST_FRAME,
     DEADLINE_EXCEEDED,
-    DEFAULT_DEADLINE_MS,
     LOCAL_BAD_RESPONSE,
     LOCAL_CONNECT_FAILED,
     MAX_BODY_CHUNK,
     FrameError,
-    RespBodyEncoder,
-    forward_headers,
-    header_pairs,
-    resp_end,
-    resp_error,
-    resp_headers,
-    split_chunks,
+    ReqHeaders,
+    RespBody,
+    RespEnd,
+    RespError,
+    RespHeaders,
+    chunks,
+    encode,
 )
 
 logger = logging.getLogger(__name__)
 
-#: Sends one frame: a frame object, or frame JSON text that is already encoded.
-Send = Callable[[dict[str, Any] | str], Awaitable[None]]
+#: Sends one encoded frame.
+Send = Callable[[str], Awaitable[None]]
 
 #: Local request timeouts: 10 s to connect; the rest is bounded by ``deadline_ms``.
 _TIMEOUTS = httpx.Timeout(None, connect=10.0).as_dict()
@@ -126,19 +125,6 @@ class BodyBudget:
         await self._released.wait()
 
 
-def _encode_header(value: str) -> bytes:
-    try:
-        return value.encode("latin-1")
-    except UnicodeEncodeError:
-        return value.encode("utf-8")
-
-
-def _deadline_seconds(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        value = DEFAULT_DEADLINE_MS
-    return float(value) / 1000
-
-
 class ForwardedRequest:
     """A request from REQ_HEADERS on: its body as it arrives, and its forwarding task."""
 
@@ -176,22 +162,16 @@ class ForwardedRequest:
     @classmethod
     def from_frame(
         cls,
-        frame: dict[str, Any],
+        frame: ReqHeaders,
         *,
-        lease_id: str,
-        rid: str,
         local: httpx.URL,
         api_key: str,
         budget: BodyBudget | None = None,
         max_buffered: int = REQUEST_BUFFER_BYTES,
     ) -> ForwardedRequest:
-        """Validate REQ_HEADERS and apply the header rules; FrameError when unusable."""
-        method, path = frame.get("method"), frame.get("path")
-        query = frame.get("query") or ""
-        if not isinstance(method, str) or not method or not method.isascii():
-            raise FrameError("REQ_HEADERS method is missing or invalid")
-        if not isinstance(path, str) or not path.startswith("/") or not isinstance(query, str):
-            raise FrameError("REQ_HEADERS path must be a string starting with '/'")
+        """The request of a parsed REQ_HEADERS, the header rules applied; FrameError when
+        its target cannot be sent."""
+        lease_id, rid, path, query = frame.lease_id, frame.rid, frame.path, frame.query
         target = path + (f"?{query}" if query else "")
         if not target.isascii() or "#" in target or any(c in string.whitespace for c in target):
             target = quote(target, safe=_TARGET_SAFE)
@@ -199,17 +179,15 @@ class ForwardedRequest:
             url = local.copy_with(raw_path=target.encode("ascii"))
         except (httpx.InvalidURL, ValueError):
             raise FrameError(f"REQ_HEADERS path {path!r:.200} is not a valid target") from None
-        pairs = forward_headers(
-            header_pairs(frame.get("headers")), api_keys=[api_key], lease_id=lease_id, rid=rid
-        )
-        headers = [(_encode_header(k), _encode_header(v)) for k, v in pairs]
+        pairs = agent_request_headers(frame.headers, api_keys=[api_key], lease_id=lease_id, rid=rid)
+        headers = [(header_bytes(k), header_bytes(v)) for k, v in pairs]
         return cls(
             lease_id,
             rid,
-            method,
+            frame.method,
             url,
             headers,
-            _deadline_seconds(frame.get("deadline_ms")),
+            frame.deadline_ms / 1000,
             budget=budget,
             max_buffered=max_buffered,
         )
@@ -298,13 +276,13 @@ class ForwardedRequest:
                     )
                     response = await http.handle_async_request(request)
                     try:
-                        raw = [
-                            [k.decode("latin-1"), v.decode("latin-1")]
+                        raw = tuple(
+                            (k.decode("latin-1"), v.decode("latin-1"))
                             for k, v in response.headers.raw
-                        ]
-                        await send(resp_headers(self.lease_id, self.rid, response.status_code, raw))
+                        )
+                        status = response.status_code
+                        await send(encode(RespHeaders(self.lease_id, self.rid, status, raw)))
                         headers_sent = True
-                        body_frame = RespBodyEncoder(self.lease_id, self.rid)
                         total = 0
                         async for data in response.aiter_raw():
                             total += len(data)
@@ -314,8 +292,8 @@ class ForwardedRequest:
                                     f"response exceeds max_response_bytes={max_response_bytes}",
                                 )
                                 break
-                            for piece in split_chunks(data):
-                                await send(body_frame(piece))
+                            for piece in chunks(data):
+                                await send(encode(RespBody(self.lease_id, self.rid, piece)))
                     finally:
                         await response.aclose()
                 except httpx.LocalProtocolError as exc:
@@ -336,8 +314,8 @@ class ForwardedRequest:
         try:
             if error is not None:
                 logger.debug("SynthTunnel request %s failed: %s", self.rid, error)
-                await send(resp_error(self.lease_id, self.rid, *error))
+                await send(encode(RespError(self.lease_id, self.rid, *error)))
             else:
-                await send(resp_end(self.lease_id, self.rid))
+                await send(encode(RespEnd(self.lease_id, self.rid)))
         except ConnectionClosed:
             return

@@ -21,7 +21,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from .frames import (
+from ..tunnels.synthtunnel.protocol import (
     Attach,
     FrameError,
     RespBody,
