@@ -1,19 +1,40 @@
-"""Errors raised by taskapp_notebook.
+"""Errors raised by taskapp_notebook: every exception class the package defines, drawn once.
 
 The tree keeps the seed's contract (ValueError / FileNotFoundError / RuntimeError) by
-subclassing those built-ins, so ``except RuntimeError`` in user code keeps working::
+subclassing those built-ins, so ``except RuntimeError`` in user code keeps working.
+Classes defined outside this module name their module (``tests/test_errors.py`` checks that
+every exception class in the package is drawn here, under its real parent)::
 
     TaskAppError
     ├── InvalidParameterError     (ValueError)         bad argument to InProcessTaskApp
     ├── TaskAppNotFoundError      (FileNotFoundError)  task_app_path does not exist
     ├── TaskAppLoadError          (ValueError)         a module that defines no app/config
-    └── StartError                (RuntimeError)       the app could not be started
-        ├── PortInUseError                             port busy and not freed
-        ├── ServerStartError                           uvicorn/lifespan failed
-        ├── HealthCheckError                           /health never answered 200
-        ├── ModeNotAvailableError                      tunnel mode not implemented here
-        └── TunnelError                                a tunnel could not be opened
-            └── TunnelVerificationError                the tunnel does not reach the app
+    ├── StartError                (RuntimeError)       the app could not be started
+    │   ├── PortInUseError                             port busy and not freed
+    │   ├── ServerStartError                           uvicorn/lifespan failed
+    │   ├── HealthCheckError                           /health never answered 200
+    │   ├── ModeNotAvailableError                      tunnel mode not implemented here
+    │   └── TunnelError                                a tunnel could not be opened
+    │       ├── TunnelVerificationError                the tunnel does not reach the app
+    │       ├── LeaseRequestError                      the lease API answered an error status
+    │       │                                          (tunnels.synthtunnel.lease_client)
+    │       └── LeaseRejectedError                     the relay refused the agent token
+    │                                                  (tunnels.synthtunnel.agent)
+    └── JobError                  (RuntimeError)       a job refused or unreadable (jobs)
+        └── JobTimeoutError       (TimeoutError)       no terminal status in time (jobs)
+
+Internal: raised and handled inside the package, never seen by a user::
+
+    FrameError                    (ValueError)         a message that is not a usable
+                                                       SynthTunnel frame: skipped, or its
+                                                       request answered with an error
+                                                       (tunnels.synthtunnel.protocol)
+    InvalidLeaseRequestError      (ValueError)         a lease POST body the relay cannot
+                                                       honour → 400 (relay.state)
+    AgentGoneError                (Exception)          sending to an agent whose WebSocket
+                                                       closed (relay.sessions)
+    HelpRequested                 (Exception)          ``%taskapp -h``: print the help
+                                                       (notebook.options)
 
 Messages say what failed, why, and what to do, with user values in ``!r``.
 """

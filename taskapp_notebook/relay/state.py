@@ -27,7 +27,7 @@ CLOSE_LEASE_GONE = 4001
 CLOSE_GOING_AWAY = 1001
 
 
-class LeaseRequestError(ValueError):
+class InvalidLeaseRequestError(ValueError):
     """A lease POST body the relay cannot honour."""
 
 
@@ -100,24 +100,24 @@ class RelayState:
         if body is None:
             body = {}
         if not isinstance(body, dict):
-            raise LeaseRequestError("the body must be a JSON object")
+            raise InvalidLeaseRequestError("the body must be a JSON object")
         client = body.get("client_instance_id", "")
         target = body.get("local_target", {})
         metadata = body.get("metadata", {})
         ttl_raw = body.get("requested_ttl_seconds", self.config.default_ttl)
         renew = body.get("renew_lease_id")
         if not isinstance(client, str):
-            raise LeaseRequestError("client_instance_id must be a string")
+            raise InvalidLeaseRequestError("client_instance_id must be a string")
         if not isinstance(target, dict) or not isinstance(metadata, dict):
-            raise LeaseRequestError("local_target and metadata must be JSON objects")
+            raise InvalidLeaseRequestError("local_target and metadata must be JSON objects")
         if ttl_raw is None:
             ttl_raw = self.config.default_ttl
         if not _number(ttl_raw) or not ttl_raw > 0:
-            raise LeaseRequestError(
+            raise InvalidLeaseRequestError(
                 f"requested_ttl_seconds must be a positive number, got {ttl_raw!r}"
             )
         if renew is not None and not isinstance(renew, str):
-            raise LeaseRequestError("renew_lease_id must be a string")
+            raise InvalidLeaseRequestError("renew_lease_id must be a string")
         ttl = min(float(ttl_raw), self.config.max_ttl)
         if renew:
             lease = self.store.renewable(renew, owner)
