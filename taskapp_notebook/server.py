@@ -1,7 +1,9 @@
 """uvicorn on a socket we bound, with fast start/stop and no signal capture.
 
 ``ServerHandle`` runs ``uvicorn.Server.serve`` as a task on the *current* event loop (the
-kernel's loop, or the loop of the runner's own thread). Facts this relies on
+kernel's loop, or the loop of a :class:`~taskapp_notebook.loops.LoopThread`). Every server
+of the package runs on it — the task app and the SynthTunnel relay — and this module is the
+only one that overrides uvicorn internals. Facts this relies on
 (kernel-facts.md): uvicorn must not capture signals inside a kernel, a failed lifespan calls
 ``sys.exit`` inside uvicorn, and uvicorn's own main loop and shutdown poll every 100 ms —
 we replace both with event-driven versions so start and stop take milliseconds.
@@ -19,7 +21,6 @@ from typing import Any
 import uvicorn
 
 from .errors import ServerStartError
-from .stats import InstrumentedApp
 
 logger = logging.getLogger(__name__)
 
@@ -70,27 +71,32 @@ class _Server(uvicorn.Server):
 
 
 class ServerHandle:
-    """One uvicorn server on a pre-bound socket, as a task on the running loop."""
+    """One uvicorn server on a pre-bound socket, as a task on the running loop.
+
+    ``options`` go to ``uvicorn.Config`` (the relay sets ``http``, ``ws``, ``lifespan``...).
+    An ``app`` with a ``lifespan_error`` attribute (``stats.InstrumentedApp``) has it quoted
+    when its lifespan startup fails.
+    """
 
     def __init__(
         self,
-        app: InstrumentedApp,
+        app: Any,
         sock: socket.socket,
         *,
         graceful_timeout: float = 5.0,
+        **options: Any,
     ) -> None:
         self.app = app
         self.sock = sock
         host, port = sock.getsockname()[:2]
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_config=None,
-            access_log=False,
-            lifespan="auto",
-            timeout_graceful_shutdown=int(graceful_timeout) or 1,
-        )
+        settings: dict[str, Any] = {
+            "log_config": None,
+            "access_log": False,
+            "lifespan": "auto",
+            "timeout_graceful_shutdown": int(graceful_timeout) or 1,
+            **options,
+        }
+        config = uvicorn.Config(app, host=host, port=port, **settings)
         self.server = _Server(config)
         self.task: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -116,7 +122,8 @@ class ServerHandle:
         except SystemExit as exc:
             # uvicorn calls sys.exit() when lifespan startup fails; never let it reach
             # the kernel (kernel-facts.md #3).
-            reason = self.app.lifespan_error or f"uvicorn exited with code {exc.code}"
+            error = getattr(self.app, "lifespan_error", None)
+            reason = error or f"uvicorn exited with code {exc.code}"
             raise ServerStartError(
                 f"The task app failed to start: its lifespan startup raised ({reason}). "
                 "Fix the app's startup hooks and start again."
