@@ -1,110 +1,242 @@
-"""Tunnel benchmark: request latency and body throughput, direct vs through SynthTunnel.
+"""SynthTunnel speed, deployed as people deploy it: four processes on loopback, one run.
 
-Everything runs on loopback: ``taskapp-relay`` in a thread, the task app with our agent
-(``tunnel_mode="synthtunnel"``) on another. The baseline, measured in the same run, is the
-same request sent straight to the app's local port.
+1. the relay, ``taskapp-relay`` (as a team hosts it);
+2. the echo app of ``_common.py`` behind OUR agent (``_tunnel_ours.py``:
+   ``InProcessTaskApp(tunnel_mode="synthtunnel")``, app and agent on one loop);
+3. the same echo app behind synth-ai 0.9.11's compiled agent (``_tunnel_sdk.py``, run by
+   ``.venv-sdk/bin/python`` from ``scripts/sdk-venv``): the BASELINE;
+4. this process, the client (httpx, one keep-alive pool per path).
 
-    python bench/tunnel.py [--requests 200] [--write-readme]
+For each path — straight to each app's port, through the relay to our agent, through the
+relay to the SDK's agent — it measures sequential ``GET /health`` latency, requests/s with
+16 in flight, and 1 MiB and 8 MiB POSTs echoed back. Paths are measured in turn, round after
+round, and each figure is the median over rounds (the machine is shared: read the ratios,
+which come from the same rounds).
+
+    python bench/tunnel.py [--rounds 5] [--requests 200] [--profile-ours FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
 
-from _common import echo_app, write_readme_table
+import httpx
 
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+PYTHON = Path(sys.executable)
+SDK_PYTHON = ROOT / ".venv-sdk" / "bin" / "python"
+RELAY = PYTHON.parent / "taskapp-relay"
+KEY = "bench-relay-key"
 MIB = 1024 * 1024
 
 
-async def latencies(client: Any, url: str, headers: dict[str, str], n: int) -> list[float]:
-    out = []
+@dataclass
+class Path_:
+    label: str
+    url: str
+    headers: dict[str, str]
+    figures: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, name: str, value: float) -> None:
+        self.figures.setdefault(name, []).append(value)
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.figures[name])
+
+
+def _line(stream: IO[str], proc: subprocess.Popen[str], what: str) -> str:
+    line = stream.readline()
+    if not line:
+        raise SystemExit(f"{what} exited (status {proc.wait()}) before it was ready")
+    return line
+
+
+def start_relay(port: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [str(RELAY), "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY,
+         "--log-level", "WARNING"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    _line(proc.stdout, proc, "taskapp-relay")  # "taskapp-relay serving on ..."
+    return proc
+
+
+def start_child(python: Path, script: str, env: dict[str, str]) -> tuple[Any, dict[str, Any]]:
+    proc = subprocess.Popen(
+        [str(python), str(BENCH / script)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        cwd=BENCH,
+        text=True,
+    )
+    assert proc.stdout is not None
+    return proc, json.loads(_line(proc.stdout, proc, script))
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.stdin is not None:
+        proc.stdin.close()
+    else:
+        proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def sequential(client: httpx.AsyncClient, p: Path_, n: int) -> float:
+    times = []
     for _ in range(n):
         t0 = time.perf_counter()
-        response = await client.get(f"{url}/health", headers=headers)
-        out.append(time.perf_counter() - t0)
-        response.raise_for_status()
-    return out
+        r = await client.get(f"{p.url}/health", headers=p.headers)
+        times.append(time.perf_counter() - t0)
+        r.raise_for_status()
+    return statistics.median(times) * 1000
 
 
-async def concurrent(client: Any, url: str, headers: dict[str, str], n: int) -> float:
-    """Requests per second with 16 in flight."""
-    sem = asyncio.Semaphore(16)
+async def in_flight(client: httpx.AsyncClient, p: Path_, n: int, width: int = 16) -> float:
+    sem = asyncio.Semaphore(width)
 
     async def one() -> None:
         async with sem:
-            (await client.get(f"{url}/health", headers=headers)).raise_for_status()
+            (await client.get(f"{p.url}/health", headers=p.headers)).raise_for_status()
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(n)))
     return n / (time.perf_counter() - t0)
 
 
-async def throughput(client: Any, url: str, headers: dict[str, str], mib: int, n: int) -> float:
-    """MiB/s for a ``mib``-MiB POST echoed back (both directions counted once)."""
-    body = os.urandom(mib * MIB)
+async def echo(client: httpx.AsyncClient, p: Path_, body: bytes, n: int) -> float:
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
-        response = await client.post(f"{url}/echo", content=body, headers=headers)
+        r = await client.post(f"{p.url}/echo", content=body, headers=p.headers)
         times.append(time.perf_counter() - t0)
-        assert response.content == body
-    return mib / statistics.median(times)
+        if r.status_code != 200 or r.content != body:
+            raise SystemExit(f"{p.label}: echo came back wrong ({r.status_code})")
+    return statistics.median(times) * 1000
 
 
-async def run(requests: int) -> str:
-    import httpx
+async def measure(paths: list[Path_], rounds: int, requests: int) -> None:
+    one, eight = os.urandom(MIB), os.urandom(8 * MIB)
+    limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
+    async with httpx.AsyncClient(trust_env=False, timeout=120, limits=limits) as client:
+        for p in paths:  # warm up every connection pool and both agents
+            await in_flight(client, p, 64)
+            await echo(client, p, one, 1)
+        for r in range(rounds):
+            for p in paths:
+                p.add("latency_ms", await sequential(client, p, requests))
+                p.add("rps", await in_flight(client, p, requests * 2))
+                p.add("echo1_ms", await echo(client, p, one, 5))
+                p.add("echo8_ms", await echo(client, p, eight, 3))
+            print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
 
-    from taskapp_notebook import InProcessTaskApp
-    from taskapp_notebook.relay import RelayServer
 
-    rows = []
-    with RelayServer() as relay:
-        os.environ["SYNTH_BACKEND_URL"] = relay.url
-        os.environ["SYNTH_API_KEY"] = relay.api_key
-        task = InProcessTaskApp(app=echo_app(), serve_on="thread", api_key="bench-key")
-        async with task:
-            assert task.url and task.task_app_worker_token
-            direct_headers = {"X-API-Key": "bench-key"}
-            tunnel_headers = {"Authorization": f"Bearer {task.task_app_worker_token}"}
-            async with httpx.AsyncClient(trust_env=False, timeout=60) as client:
-                await latencies(client, task.local_url, direct_headers, 20)  # warm up
-                await latencies(client, task.url, tunnel_headers, 20)
-                for label, url, headers in (
-                    ("direct to 127.0.0.1 (baseline)", task.local_url, direct_headers),
-                    ("through SynthTunnel (relay + agent)", task.url, tunnel_headers),
-                ):
-                    lat = await latencies(client, url, headers, requests)
-                    rps = await concurrent(client, url, headers, requests)
-                    mbs = await throughput(client, url, headers, 8, 5)
-                    rows.append((label, statistics.median(lat) * 1000, rps, mbs))
-    base = rows[0]
+def table(paths: list[Path_], rounds: int, requests: int) -> str:
+    by = {p.label: p for p in paths}
+    sdk = by["through the relay, SDK 0.9.11 agent (baseline)"]
+    direct = by["direct to our app"]
     lines = [
-        f"Loopback, median of {requests} sequential `GET /health`; {requests} requests with 16 "
-        "in flight; an 8 MiB POST echoed back (median of 5).",
+        f"Loopback, 4 processes (relay, our app + agent, the same app + the SDK's compiled "
+        f"agent, client), one run: medians over {rounds} rounds of {requests} sequential "
+        f"`GET /health`, {2 * requests} `GET /health` with 16 in flight, 5 × 1 MiB and "
+        "3 × 8 MiB `POST /echo` (body sent and echoed back). Ratios: against the SDK's "
+        "agent (tunnel rows) and against direct (req/s).",
         "",
-        "| path | latency | requests/s (16 in flight) | 8 MiB echo |",
-        "|---|---|---|---|",
+        "| path | latency | requests/s, 16 in flight | 1 MiB echo | 8 MiB echo |",
+        "|---|---|---|---|---|",
     ]
-    for label, lat, rps, mbs in rows:
-        extra = "" if label == base[0] else f" ({lat / base[1]:.1f}× baseline)"
-        lines.append(f"| {label} | {lat:.2f} ms{extra} | {rps:.0f} | {mbs:.0f} MiB/s |")
+    for p in paths:
+        lat, rps = p.median("latency_ms"), p.median("rps")
+        e1, e8 = p.median("echo1_ms"), p.median("echo8_ms")
+        if p.label.startswith("through"):
+            cells = [
+                f"{lat:.2f} ms ({sdk.median('latency_ms') / lat:.2f}× SDK speed)",
+                f"{rps:.0f} ({rps / sdk.median('rps'):.2f}× SDK, "
+                f"{rps / direct.median('rps'):.2f}× direct)",
+                f"{e1:.1f} ms ({sdk.median('echo1_ms') / e1:.2f}× SDK speed)",
+                f"{e8:.1f} ms ({sdk.median('echo8_ms') / e8:.2f}× SDK speed)",
+            ]
+        else:
+            cells = [f"{lat:.2f} ms", f"{rps:.0f}", f"{e1:.1f} ms", f"{e8:.1f} ms"]
+        lines.append(f"| {p.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="SynthTunnel latency/throughput benchmark")
+    parser = argparse.ArgumentParser(description="SynthTunnel: our agent vs the SDK's")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--write-readme", action="store_true")
+    parser.add_argument("--profile-ours", help="write a cProfile of our agent's process here")
+    parser.add_argument("--only-ours", action="store_true", help="skip the SDK's agent")
     args = parser.parse_args()
-    text = asyncio.run(run(args.requests))
-    print(text)
-    if args.write_readme:
-        write_readme_table("tunnel", text)
+    if not SDK_PYTHON.exists() and not args.only_ours:
+        raise SystemExit("no .venv-sdk: run scripts/sdk-venv first (the SDK is the baseline)")
+    from taskapp_notebook.ports import pick_free_port
+
+    relay_port = pick_free_port()
+    relay = start_relay(relay_port)
+    children = []
+    with tempfile.TemporaryDirectory() as home:
+        env = dict(
+            os.environ,
+            SYNTH_BACKEND_URL=f"http://127.0.0.1:{relay_port}",
+            SYNTH_API_KEY=KEY,
+            HOME=home,
+            PYTHONPATH=str(BENCH),
+        )
+        env.pop("BENCH_PROFILE", None)
+        try:
+            ours_env = dict(env, **({"BENCH_PROFILE": args.profile_ours} if args.profile_ours else {}))
+            proc, ours = start_child(PYTHON, "_tunnel_ours.py", ours_env)
+            children.append(proc)
+            paths = [
+                Path_("direct to our app", ours["local_url"], {}),
+                Path_(
+                    "through the relay, our agent",
+                    ours["url"],
+                    {"Authorization": f"Bearer {ours['worker_token']}"},
+                ),
+            ]
+            if not args.only_ours:
+                proc, sdk = start_child(SDK_PYTHON, "_tunnel_sdk.py", env)
+                children.append(proc)
+                paths[1:1] = [Path_("direct to the SDK process's app", sdk["local_url"], {})]
+                paths.append(
+                    Path_(
+                        "through the relay, SDK 0.9.11 agent (baseline)",
+                        sdk["url"],
+                        {"Authorization": f"Bearer {sdk['worker_token']}"},
+                    )
+                )
+            asyncio.run(measure(paths, args.rounds, args.requests))
+        finally:
+            for proc in children:
+                stop(proc)
+            relay.terminate()
+            relay.wait(30)
+    if args.only_ours:
+        for p in paths:
+            print(p.label, {k: round(p.median(k), 2) for k in p.figures})
+    else:
+        print(table(paths, args.rounds, args.requests))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import random
 import socket
 from collections.abc import Callable, Iterator
 
-import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
@@ -35,6 +34,7 @@ from .forward import (
     check_body_bounds,
 )
 from .lease_client import Lease, scrub
+from .local_http import LocalHTTP
 from .protocol import (
     AGENT_OVERLOADED,
     BAD_REQUEST_FRAME,
@@ -107,11 +107,10 @@ class LeaseAgent:
         lease: Lease,
         *,
         agent_id: str,
-        local_url: str,
         local_host: str,
         local_port: int,
         api_key: str,
-        http: httpx.AsyncBaseTransport,
+        http: LocalHTTP,
         max_inflight: int,
         ping_interval: float,
         ping_timeout: float,
@@ -127,7 +126,6 @@ class LeaseAgent:
         check_body_bounds(request_buffer_bytes, agent_buffer_bytes, body_stall_timeout)
         self.lease = lease
         self.agent_id = agent_id
-        self.local_base = httpx.URL(local_url)
         self.local_host = local_host
         self.local_port = local_port
         self.api_key = api_key
@@ -375,7 +373,6 @@ class LeaseAgent:
         try:
             request = ForwardedRequest.from_frame(
                 frame,
-                local=self.local_base,
                 api_key=self.api_key,
                 budget=self.body_budget,
                 max_buffered=self.request_buffer_bytes,

@@ -42,12 +42,11 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import quote
 
-import httpx
 from websockets.exceptions import ConnectionClosed
 
 from .headers import agent_request_headers, header_bytes
+from .local_http import LocalHTTP, LocalHTTPError
 from .protocol import (
-    BAD_REQUEST_FRAME,
     DEADLINE_EXCEEDED,
     LOCAL_BAD_RESPONSE,
     LOCAL_CONNECT_FAILED,
@@ -66,9 +65,6 @@ logger = logging.getLogger(__name__)
 
 #: Sends one encoded frame.
 Send = Callable[[str], Awaitable[None]]
-
-#: Local request timeouts: 10 s to connect; the rest is bounded by ``deadline_ms``.
-_TIMEOUTS = httpx.Timeout(None, connect=10.0).as_dict()
 
 #: Characters kept as they are when re-quoting a request target with unsafe characters.
 _TARGET_SAFE = "".join(sorted(set(string.printable) - set(string.whitespace) - {"#"}))
@@ -133,7 +129,7 @@ class ForwardedRequest:
         lease_id: str,
         rid: str,
         method: str,
-        url: httpx.URL,
+        target: bytes,
         headers: list[tuple[bytes, bytes]],
         deadline: float,
         *,
@@ -143,7 +139,7 @@ class ForwardedRequest:
         self.lease_id = lease_id
         self.rid = rid
         self.method = method
-        self.url = url
+        self.target = target
         self.headers = headers
         self.deadline = deadline
         self.budget = budget if budget is not None else BodyBudget(max_buffered)
@@ -164,7 +160,6 @@ class ForwardedRequest:
         cls,
         frame: ReqHeaders,
         *,
-        local: httpx.URL,
         api_key: str,
         budget: BodyBudget | None = None,
         max_buffered: int = REQUEST_BUFFER_BYTES,
@@ -175,17 +170,13 @@ class ForwardedRequest:
         target = path + (f"?{query}" if query else "")
         if not target.isascii() or "#" in target or any(c in string.whitespace for c in target):
             target = quote(target, safe=_TARGET_SAFE)
-        try:
-            url = local.copy_with(raw_path=target.encode("ascii"))
-        except (httpx.InvalidURL, ValueError):
-            raise FrameError(f"REQ_HEADERS path {path!r:.200} is not a valid target") from None
         pairs = agent_request_headers(frame.headers, api_keys=[api_key], lease_id=lease_id, rid=rid)
         headers = [(header_bytes(k), header_bytes(v)) for k, v in pairs]
         return cls(
             lease_id,
             rid,
             frame.method,
-            url,
+            target.encode("ascii"),
             headers,
             frame.deadline_ms / 1000,
             budget=budget,
@@ -254,7 +245,7 @@ class ForwardedRequest:
                 await self._arrived.wait()
 
     async def run(
-        self, http: httpx.AsyncBaseTransport, send: Send, max_response_bytes: int | None
+        self, http: LocalHTTP, send: Send, max_response_bytes: int | None
     ) -> None:
         """Forward to the app and send the response frames, ending in RESP_END/RESP_ERROR.
 
@@ -267,24 +258,16 @@ class ForwardedRequest:
                 await self._ready.wait()
                 content = self._stream() if self.streaming else self._take_all()
                 try:
-                    request = httpx.Request(
-                        self.method,
-                        self.url,
-                        headers=self.headers,
-                        content=content,
-                        extensions={"timeout": _TIMEOUTS},
-                    )
-                    response = await http.handle_async_request(request)
+                    response = await http.request(self.method, self.target, self.headers, content)
                     try:
                         raw = tuple(
-                            (k.decode("latin-1"), v.decode("latin-1"))
-                            for k, v in response.headers.raw
+                            (k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers
                         )
-                        status = response.status_code
+                        status = response.status
                         await send(encode(RespHeaders(self.lease_id, self.rid, status, raw)))
                         headers_sent = True
                         total = 0
-                        async for data in response.aiter_raw():
+                        async for data in response.body():
                             total += len(data)
                             if max_response_bytes is not None and total > max_response_bytes:
                                 error = (
@@ -296,12 +279,9 @@ class ForwardedRequest:
                                 await send(encode(RespBody(self.lease_id, self.rid, piece)))
                     finally:
                         await response.aclose()
-                except httpx.LocalProtocolError as exc:
-                    code = LOCAL_BAD_RESPONSE if headers_sent else BAD_REQUEST_FRAME
-                    error = (code, f"{type(exc).__name__}: {exc}")
-                except httpx.HTTPError as exc:
+                except LocalHTTPError as exc:
                     code = LOCAL_BAD_RESPONSE if headers_sent else LOCAL_CONNECT_FAILED
-                    error = (code, f"{type(exc).__name__}: {exc}")
+                    error = (code, str(exc))
         except TimeoutError:
             ms = self.deadline * 1000
             error = (DEADLINE_EXCEEDED, f"deadline of {ms:.0f} ms passed; local request aborted")

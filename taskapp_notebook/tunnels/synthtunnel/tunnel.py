@@ -43,6 +43,7 @@ from .lease_client import (
     client_instance_id,
     is_loopback_url,
 )
+from .local_http import LocalHTTP
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class SynthTunnel:
         self._settings: LeaseSettings | None = None
         self._leases: LeaseClient | None = None
         self._ctx: TunnelContext | None = None
-        self._http: httpx.AsyncHTTPTransport | None = None
+        self._http: LocalHTTP | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._agents: list[LeaseAgent] = []
         self._agent: LeaseAgent | None = None
@@ -142,14 +143,11 @@ class SynthTunnel:
         try:
             settings = self._settings or LeaseSettings.from_env()
             self._leases = LeaseClient(settings)
-            # A bare transport, not an AsyncClient: no default headers (the caller's are
-            # forwarded), no redirects, and no cookie jar -- a client's jar would keep the
-            # app's Set-Cookie from one caller's response and send it with every later
-            # caller's request. It also skips the client's per-request auth/redirect/cookie
-            # layers (~15 % of the agent's CPU per request). Timeouts: see ``forward``.
-            self._http = httpx.AsyncHTTPTransport(
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
-            )
+            # Our own keep-alive client (``local_http``): no default headers (the caller's
+            # are forwarded), no redirects, no cookie jar (a jar would keep the app's
+            # Set-Cookie from one caller's response and send it with every later caller's
+            # request), and none of a general client's per-request layers.
+            self._http = LocalHTTP(self._local_host(), ctx.local_port)
             lease = await self._leases.create(
                 client_id=client_instance_id(),
                 host=self._local_host(),
@@ -180,7 +178,6 @@ class SynthTunnel:
         agent = LeaseAgent(
             lease,
             agent_id=client_instance_id(),
-            local_url=self._ctx.local_url,
             local_host=self._local_host(),
             local_port=self._ctx.local_port,
             api_key=self._ctx.api_key,
