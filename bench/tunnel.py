@@ -65,8 +65,17 @@ def _line(stream: IO[str], proc: subprocess.Popen[str], what: str) -> str:
 
 def start_relay(port: int) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [str(RELAY), "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY,
-         "--log-level", "WARNING"],
+        [
+            str(RELAY),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--api-key",
+            KEY,
+            "--log-level",
+            "WARNING",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -204,7 +213,9 @@ def main() -> None:
         )
         env.pop("BENCH_PROFILE", None)
         try:
-            ours_env = dict(env, **({"BENCH_PROFILE": args.profile_ours} if args.profile_ours else {}))
+            ours_env = dict(
+                env, **({"BENCH_PROFILE": args.profile_ours} if args.profile_ours else {})
+            )
             proc, ours = start_child(PYTHON, "_tunnel_ours.py", ours_env)
             children.append(proc)
             paths = [

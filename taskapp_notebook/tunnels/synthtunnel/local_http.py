@@ -136,6 +136,10 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
         return data
 
+    def begin(self) -> None:
+        """A new request on this connection: count its response bytes from zero."""
+        self.received = 0
+
     async def write(self, data: bytes) -> None:
         if self.closed or self.transport is None:
             raise LocalHTTPError("the app closed the connection while the request was sent")
@@ -270,6 +274,7 @@ class LocalHTTP:
             conn = self._idle.pop()
             if not conn.closed and now - conn.idle_since < IDLE_TIMEOUT:
                 conn.reused = True
+                conn.begin()
                 return conn
             self._discard(conn)
         conn = await self._connect()
