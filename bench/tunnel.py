@@ -13,7 +13,8 @@ relay to the SDK's agent — it measures sequential ``GET /health`` latency, req
 round, and each figure is the median over rounds (the machine is shared: read the ratios,
 which come from the same rounds).
 
-    python bench/tunnel.py [--rounds 5] [--requests 200] [--profile-ours FILE]
+    python bench/tunnel.py [--rounds 5] [--requests 200]
+                           [--profile-ours FILE] [--profile-relay FILE] [--only-ours]
 """
 
 from __future__ import annotations
@@ -63,10 +64,11 @@ def _line(stream: IO[str], proc: subprocess.Popen[str], what: str) -> str:
     return line
 
 
-def start_relay(port: int) -> subprocess.Popen[str]:
+def start_relay(port: int, profile: str | None) -> subprocess.Popen[str]:
+    command = [str(PYTHON), "-m", "cProfile", "-o", profile, "-m", "taskapp_notebook.relay"]
     proc = subprocess.Popen(
         [
-            str(RELAY),
+            *(command if profile else [str(RELAY)]),
             "--host",
             "127.0.0.1",
             "--port",
@@ -194,6 +196,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--profile-ours", help="write a cProfile of our agent's process here")
+    parser.add_argument("--profile-relay", help="write a cProfile of the relay's process here")
     parser.add_argument("--only-ours", action="store_true", help="skip the SDK's agent")
     args = parser.parse_args()
     if not SDK_PYTHON.exists() and not args.only_ours:
@@ -201,7 +204,7 @@ def main() -> None:
     from taskapp_notebook.ports import pick_free_port
 
     relay_port = pick_free_port()
-    relay = start_relay(relay_port)
+    relay = start_relay(relay_port, args.profile_relay)
     children = []
     with tempfile.TemporaryDirectory() as home:
         env = dict(
