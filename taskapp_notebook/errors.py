@@ -33,6 +33,10 @@ Internal: raised and handled inside the package, never seen by a user::
                                                        honour → 400 (relay.state)
     AgentGoneError                (Exception)          sending to an agent whose WebSocket
                                                        closed (relay.sessions)
+    LocalHTTPError                (OSError)            the agent could not reach the app,
+                                                       or it broke the exchange: answered
+                                                       with a RESP_ERROR
+                                                       (tunnels.synthtunnel.local_http)
     HelpRequested                 (Exception)          ``%taskapp -h``: print the help
                                                        (notebook.options)
 

@@ -307,10 +307,20 @@ async def test_agent_with_nagle_on_is_not_delayed_by_relay_acks(
             get = client.get(lease["public_url"] + "/x", headers=worker(lease))
             call = asyncio.create_task(get)
             rid = (await next_frame(ws, "REQ_END"))["rid"]
-            head = {"type": "RESP_HEADERS", "lease_id": lid, "rid": rid, "status": 200,
-                    "headers": [["content-type", "text/plain"]]}
-            body = {"type": "RESP_BODY", "lease_id": lid, "rid": rid, "eof": False,
-                    "chunk_b64": base64.b64encode(b"ok").decode()}
+            head = {
+                "type": "RESP_HEADERS",
+                "lease_id": lid,
+                "rid": rid,
+                "status": 200,
+                "headers": [["content-type", "text/plain"]],
+            }
+            body = {
+                "type": "RESP_BODY",
+                "lease_id": lid,
+                "rid": rid,
+                "eof": False,
+                "chunk_b64": base64.b64encode(b"ok").decode(),
+            }
             for frame in (head, body, {"type": "RESP_END", "lease_id": lid, "rid": rid}):
                 await ws.send(json.dumps(frame))  # one small write each, as the SDK's agent
             r = await call
@@ -681,5 +691,55 @@ async def test_header_rules_and_binary_messages_at_the_relay(
         await ws.send(json.dumps({"type": "RESP_END", "lease_id": lease_id, "rid": rid}))
         r = await call
         assert r.status_code == 200 and r.headers["x-app"] == "2" and "x-hop" not in r.headers
+    finally:
+        await ws.close()
+
+
+async def test_binary_bodies_are_agreed_at_attach_and_used_both_ways(
+    relay: RelayServer, client: httpx.AsyncClient
+):
+    """Our extension (docs/synthtunnel-protocol.md): an agent that offers
+    ``binary_bodies: 1`` gets it back in ATTACH_ACK; REQ_BODY then arrives as binary
+    messages (kind 1, rid length, rid, body) and RESP_BODY may be sent so (kind 2)."""
+    lease = await new_lease(client, relay)
+    ws = await connect(
+        lease["agent_connect"]["url"],
+        additional_headers={"Authorization": f"Bearer {lease['agent_connect']['agent_token']}"},
+        max_size=16 * MiB,
+        ping_interval=None,
+    )
+    try:
+        attach = {
+            "type": "ATTACH",
+            "agent_id": "binary-test-agent",
+            "leases": [{"lease_id": lease["lease_id"]}],
+            "capabilities": {"binary_bodies": 1},
+        }
+        await ws.send(json.dumps(attach))
+        ack = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert ack["type"] == "ATTACH_ACK" and ack["capabilities"] == {"binary_bodies": 1}
+        upload = os.urandom(150_000)
+        call = asyncio.create_task(
+            client.post(lease["public_url"] + "/up", content=upload, headers=worker(lease))
+        )
+        rid = (await next_frame(ws, "REQ_HEADERS"))["rid"]
+        received = b""
+        while True:
+            message = await asyncio.wait_for(ws.recv(), 10)
+            if isinstance(message, str):
+                assert json.loads(message) == {"type": "REQ_END", "rid": rid}
+                break
+            assert message[0] == 1 and message[2 : 2 + message[1]].decode() == rid
+            received += message[2 + message[1] :]
+        assert received == upload
+        lease_id = lease["lease_id"]
+        head = {"type": "RESP_HEADERS", "lease_id": lease_id, "rid": rid, "status": 200}
+        await ws.send(json.dumps(head))
+        await ws.send(bytes([2, len(rid)]) + rid.encode() + b"binary,")
+        text_body = {"type": "RESP_BODY", "lease_id": lease_id, "rid": rid, "chunk_b64": "anNvbg=="}
+        await ws.send(json.dumps(text_body))
+        await ws.send(json.dumps({"type": "RESP_END", "lease_id": lease_id, "rid": rid}))
+        r = await call
+        assert (r.status_code, r.content) == (200, b"binary,json")
     finally:
         await ws.close()

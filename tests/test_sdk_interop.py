@@ -149,14 +149,14 @@ def spy_on_frames(mp: pytest.MonkeyPatch, log: FrameLog) -> None:
     for module in (relay_endpoint, relay_sessions):
         real_parse = module.parse_agent_frame
 
-        def parse(message: str | bytes, _real: Any = real_parse) -> Any:
+        def parse(message: str | bytes, _real: Any = real_parse, **options: Any) -> Any:
             log.record("in", message)
-            return _real(message)
+            return _real(message, **options)
 
         mp.setattr(module, "parse_agent_frame", parse)
     real_send = relay_sessions.AgentSession.send
 
-    async def send(self: relay_sessions.AgentSession, text: str) -> None:
+    async def send(self: relay_sessions.AgentSession, text: str | bytes) -> None:
         log.record("out", text)
         await real_send(self, text)
 

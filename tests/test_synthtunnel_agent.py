@@ -136,6 +136,20 @@ class AgentConn:
         return self.frames(rid)
 
 
+def decode_agent_message(message: str | bytes) -> dict[str, Any]:
+    """An agent message as a JSON frame dict. A binary message is read as the binary body
+    frame of docs/synthtunnel-protocol.md (kind 2 = RESP_BODY, rid length, rid, body) and
+    marked ``"binary": True``; anything else binary fails the test."""
+    if isinstance(message, str):
+        frame: dict[str, Any] = json.loads(message)
+        return frame
+    kind, rid_length = message[0], message[1]
+    assert kind == 2, f"binary message of kind {kind}"
+    rid = message[2 : 2 + rid_length].decode()
+    chunk = base64.b64encode(message[2 + rid_length :]).decode()
+    return {"type": "RESP_BODY", "rid": rid, "chunk_b64": chunk, "binary": True}
+
+
 def body_of(frames: list[dict[str, Any]]) -> bytes:
     return b"".join(base64.b64decode(f["chunk_b64"]) for f in frames if f["type"] == "RESP_BODY")
 
@@ -268,7 +282,7 @@ class SynthTunnelTestRelay:
         self.connections.append(conn)
         with contextlib.suppress(ConnectionClosed):
             async for message in ws:
-                conn.received.append(json.loads(message))
+                conn.received.append(decode_agent_message(message))
 
     def conns_for(self, lease_id: str) -> list[AgentConn]:
         return [c for c in self.connections if c.lease_id == lease_id]
@@ -441,7 +455,8 @@ async def test_lease_request_and_attach_frame_follow_the_protocol(
                 "max_inflight": 128,
                 "streaming": True,
                 "supports_cancel": True,
-            },
+                "binary_bodies": 1,  # our extension, offered; this relay (like Synth's)
+            },  # does not agree, so every frame stays JSON text (checked below)
         }
         assert url == st.url == lease["public_url"]
         assert st.worker_token == lease["worker_token"]
@@ -673,6 +688,32 @@ async def test_bad_frames_are_skipped_or_answered_with_bad_request_frame(
     await conn.request("ok", "GET", "/echo")
     assert (await conn.response("ok"))[-1]["type"] == "RESP_END"
     assert conn.frames("no-lease") == [] and conn.frames("unknown") == []
+
+
+async def test_binary_bodies_when_the_relay_agrees(
+    relay: SynthTunnelTestRelay, ctx: TunnelContext
+) -> None:
+    """Our extension: the relay agrees in ATTACH_ACK; then bodies travel as binary
+    messages both ways (REQ_BODY kind 1, RESP_BODY kind 2), and JSON body frames still work."""
+    relay.ack = {"type": "ATTACH_ACK", "agent_id": "relay", "capabilities": {"binary_bodies": 1}}
+    st = SynthTunnel()
+    await st.open(ctx)
+    try:
+        assert st.lease is not None
+        conn = relay.conns_for(st.lease.lease_id)[0]
+        payload = os.urandom(200_000)
+        await conn.request("bin", "POST", "/upload", end=False)
+        for start in range(0, len(payload), 65536):
+            await conn.send(bytes([1, 3]) + b"bin" + payload[start : start + 65536])
+        await conn.send({"type": "REQ_END", "rid": "bin"})
+        frames = await conn.response("bin")
+        bodies = [f for f in frames if f["type"] == "RESP_BODY"]
+        assert bodies and all(f.get("binary") for f in bodies)
+        assert body_of(frames) == payload and frames[-1]["type"] == "RESP_END"
+        await conn.request("json", "POST", "/upload", body=b"abc")
+        assert body_of(await conn.response("json")) == b"abc"
+    finally:
+        await st.close()
 
 
 async def test_header_rules_and_binary_messages_at_the_agent(

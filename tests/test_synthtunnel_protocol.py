@@ -15,6 +15,13 @@ import os
 
 import pytest
 
+from taskapp_notebook.tunnels.synthtunnel.codec import (
+    chunks,
+    encode,
+    encode_body,
+    parse_agent_frame,
+    parse_relay_frame,
+)
 from taskapp_notebook.tunnels.synthtunnel.headers import (
     agent_request_headers,
     caller_response_headers,
@@ -35,10 +42,7 @@ from taskapp_notebook.tunnels.synthtunnel.protocol import (
     RespError,
     RespHeaders,
     Unknown,
-    chunks,
-    encode,
-    parse_agent_frame,
-    parse_relay_frame,
+    binary_agreed,
 )
 
 ODD = 'odd "id" \\ é\n'
@@ -210,3 +214,31 @@ def test_agent_overwrites_auth_and_its_own_headers() -> None:
     ]
     relayed = relay_request_headers(pairs, worker_token_in_authorization=True)
     assert [n for n, _ in relayed] == ["x-api-key", "x-synthtunnel-request-id", "x-forwarded-proto"]
+
+
+def test_binary_body_frames_round_trip_only_when_agreed() -> None:
+    data = os.urandom(70_000)
+    req, resp = ReqBody("rid_1", data), RespBody("", "rïd", data)
+    req_msg, resp_msg = encode_body(req, binary=True), encode_body(resp, binary=True)
+    assert isinstance(req_msg, bytes) and req_msg[:2] == bytes([1, 5])
+    assert parse_relay_frame(req_msg, binary=True) == req
+    assert parse_agent_frame(resp_msg, binary=True) == resp
+    assert encode_body(req, binary=False) == encode(req)  # not agreed: JSON text
+    long_rid = ReqBody("r" * 300, b"x")  # a rid past one length byte: JSON text
+    assert encode_body(long_rid, binary=True) == encode(long_rid)
+    for message, parse in ((req_msg, parse_agent_frame), (resp_msg, parse_relay_frame)):
+        with pytest.raises(FrameError, match="not an agreed body frame"):
+            parse(message, binary=True)  # type: ignore[operator]
+        with pytest.raises(FrameError, match="binary message"):
+            parse(message)  # type: ignore[operator]
+    for bad in (b"", b"\x01", b"\x01\x09abc", b"\x01\x00body", b"\x01\x02\xff\xfe"):
+        with pytest.raises(FrameError):
+            parse_relay_frame(bad, binary=True)
+
+
+def test_attach_ack_carries_the_agreement() -> None:
+    ack = AttachAck("a", (), {"binary_bodies": 1})
+    parsed = parse_relay_frame(encode(ack))
+    assert parsed == ack and isinstance(parsed, AttachAck) and binary_agreed(parsed.capabilities)
+    assert not binary_agreed(AttachAck("a").capabilities)
+    assert "capabilities" not in json.loads(encode(AttachAck("a")))  # the spec's ACK, as it was

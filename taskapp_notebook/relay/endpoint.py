@@ -23,12 +23,12 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from ..errors import mask_secret
+from ..tunnels.synthtunnel.codec import encode, parse_agent_frame
 from ..tunnels.synthtunnel.protocol import (
+    BINARY_BODIES,
     Attach,
     AttachAck,
     FrameError,
-    encode,
-    parse_agent_frame,
 )
 from .lease_store import Lease, iso_z
 from .problems import bearer, new_request_id, problem_body
@@ -271,6 +271,7 @@ class AgentEndpoint:
             AttachAck(
                 frame.agent_id,
                 ({"lease_id": lease.lease_id, "expires_at": iso_z(lease.expires_at)},),
+                {BINARY_BODIES: 1} if session.binary else {},
             )
         )
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 
+from ..tunnels.synthtunnel.codec import chunks, encode, encode_body
 from ..tunnels.synthtunnel.headers import caller_response_headers, relay_request_headers
 from ..tunnels.synthtunnel.protocol import (
     ERROR_STATUS,
@@ -23,8 +24,6 @@ from ..tunnels.synthtunnel.protocol import (
     RespEnd,
     RespError,
     RespHeaders,
-    chunks,
-    encode,
 )
 from .lease_store import Lease
 from .problems import Receive, Scope, Send, bearer, header, send_problem
@@ -151,7 +150,7 @@ async def _pump(session: AgentSession, exchange: Exchange, receive: Receive) -> 
                 exchange.interrupt(CallerGone())
                 return
             for chunk in chunks(message.get("body", b"")):
-                await session.send(encode(ReqBody(rid, chunk)))
+                await session.send(encode_body(ReqBody(rid, chunk), binary=session.binary))
             if not message.get("more_body", False):
                 break
         await session.send(encode(ReqEnd(rid)))

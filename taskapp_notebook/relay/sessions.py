@@ -21,6 +21,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
+from ..tunnels.synthtunnel.codec import parse_agent_frame
 from ..tunnels.synthtunnel.protocol import (
     Attach,
     FrameError,
@@ -29,7 +30,7 @@ from ..tunnels.synthtunnel.protocol import (
     RespError,
     RespHeaders,
     Unknown,
-    parse_agent_frame,
+    binary_agreed,
 )
 
 logger = logging.getLogger(__name__)
@@ -133,6 +134,8 @@ class AgentSession:
             cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None
         )
         self.malformed = 0
+        #: Binary body frames agreed at ATTACH (``protocol``: our agents offer them).
+        self.binary = binary_agreed(capabilities)
         self.closing = False
         self.detached = False
         addr = conn.remote_address
@@ -143,7 +146,7 @@ class AgentSession:
     def usable(self) -> bool:
         return not self.closing and self.conn.state is State.OPEN
 
-    async def send(self, text: str) -> None:
+    async def send(self, text: str | bytes) -> None:
         """Send one frame; raises AgentGoneError when the socket is closed."""
         try:
             await self.conn.send(text)
@@ -172,7 +175,7 @@ class AgentSession:
         """Route one message from the agent. Returns an ATTACH for the caller to process;
         never raises."""
         try:
-            frame = parse_agent_frame(message)
+            frame = parse_agent_frame(message, binary=self.binary)
         except FrameError as exc:
             self._malformed(exc.reason, exc.rid)
             return None

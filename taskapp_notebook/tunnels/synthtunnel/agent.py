@@ -25,6 +25,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 
 from ...errors import TunnelError
 from ..base import TunnelState
+from .codec import encode, parse_relay_frame
 from .forward import (
     AGENT_BUFFER_BYTES,
     BODY_STALL_TIMEOUT,
@@ -38,6 +39,7 @@ from .local_http import LocalHTTP
 from .protocol import (
     AGENT_OVERLOADED,
     BAD_REQUEST_FRAME,
+    BINARY_BODIES,
     MAX_BODY_CHUNK,
     MAX_MESSAGE_BYTES,
     REQUEST_BODY_OVERFLOW,
@@ -50,13 +52,14 @@ from .protocol import (
     ReqEnd,
     ReqHeaders,
     RespError,
-    encode,
-    parse_relay_frame,
+    binary_agreed,
 )
 
 logger = logging.getLogger(__name__)
 
 ATTACH_ACK_TIMEOUT = 10.0
+#: Offer binary body frames in ATTACH (used when the relay agrees; see ``protocol``).
+OFFER_BINARY_BODIES = True
 #: Report DOWN after this long without a working connection.
 DOWN_AFTER = 30.0
 #: Statuses of a refused WebSocket handshake meaning the lease itself is gone.
@@ -155,6 +158,8 @@ class LeaseAgent:
         self._idle = asyncio.Event()
         self._idle.set()
         self._ws: ClientConnection | None = None
+        #: Binary body frames agreed on the current connection.
+        self.binary = False
         self._run_task: asyncio.Task[None] | None = None
         self._closing = False
         self._draining = False
@@ -207,6 +212,7 @@ class LeaseAgent:
                     "max_inflight": self.max_inflight,
                     "streaming": True,
                     "supports_cancel": True,
+                    **({BINARY_BODIES: 1} if OFFER_BINARY_BODIES else {}),
                 },
             )
             await ws.send(encode(attach))
@@ -216,7 +222,11 @@ class LeaseAgent:
                 reply = parse_relay_frame(ack)
             except FrameError:
                 reply = None
-            if not isinstance(reply, AttachAck):
+            if isinstance(reply, AttachAck):
+                # Binary body frames only when the relay agreed (Synth's relay ignores the
+                # offer: JSON text, as the spec says).
+                self.binary = OFFER_BINARY_BODIES and binary_agreed(reply.capabilities)
+            else:
                 kind, detail = _describe(ack)
                 message = f"{where} answered ATTACH with {kind} instead of ATTACH_ACK{detail}"
                 raise TunnelError(scrub(message, self._secrets()))
@@ -327,13 +337,13 @@ class LeaseAgent:
 
     # -- frames -----------------------------------------------------------------------
 
-    async def _send(self, ws: ClientConnection, text: str) -> None:
-        await ws.send(text)
+    async def _send(self, ws: ClientConnection, message: str | bytes) -> None:
+        await ws.send(message)
 
     async def _serve(self, ws: ClientConnection) -> None:
         async for message in ws:
             try:
-                frame = parse_relay_frame(message)
+                frame = parse_relay_frame(message, binary=self.binary)
             except FrameError as exc:
                 if exc.rid is None:
                     logger.debug("SynthTunnel: skipping message (%s)", exc)
@@ -472,6 +482,8 @@ class LeaseAgent:
         configured = self.lease.limits.get("max_response_bytes")
         limit = configured if isinstance(configured, int) and configured > 0 else None
         try:
-            await request.run(self.http, functools.partial(self._send, ws), limit)
+            await request.run(
+                self.http, functools.partial(self._send, ws), limit, binary=self.binary
+            )
         finally:
             self._finish(request)

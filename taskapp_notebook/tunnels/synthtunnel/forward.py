@@ -44,6 +44,7 @@ from urllib.parse import quote
 
 from websockets.exceptions import ConnectionClosed
 
+from .codec import chunks, encode, encode_body
 from .headers import agent_request_headers, header_bytes
 from .local_http import LocalHTTP, LocalHTTPError
 from .protocol import (
@@ -57,14 +58,12 @@ from .protocol import (
     RespEnd,
     RespError,
     RespHeaders,
-    chunks,
-    encode,
 )
 
 logger = logging.getLogger(__name__)
 
-#: Sends one encoded frame.
-Send = Callable[[str], Awaitable[None]]
+#: Sends one encoded frame (JSON text, or a binary body frame).
+Send = Callable[[str | bytes], Awaitable[None]]
 
 #: Characters kept as they are when re-quoting a request target with unsafe characters.
 _TARGET_SAFE = "".join(sorted(set(string.printable) - set(string.whitespace) - {"#"}))
@@ -245,7 +244,12 @@ class ForwardedRequest:
                 await self._arrived.wait()
 
     async def run(
-        self, http: LocalHTTP, send: Send, max_response_bytes: int | None
+        self,
+        http: LocalHTTP,
+        send: Send,
+        max_response_bytes: int | None,
+        *,
+        binary: bool = False,
     ) -> None:
         """Forward to the app and send the response frames, ending in RESP_END/RESP_ERROR.
 
@@ -276,7 +280,8 @@ class ForwardedRequest:
                                 )
                                 break
                             for piece in chunks(data):
-                                await send(encode(RespBody(self.lease_id, self.rid, piece)))
+                                frame = RespBody(self.lease_id, self.rid, piece)
+                                await send(encode_body(frame, binary=binary))
                     finally:
                         await response.aclose()
                 except LocalHTTPError as exc:

@@ -1,19 +1,27 @@
-"""The SynthTunnel wire protocol, once, without I/O: frames, their codec, the header rules.
+"""The SynthTunnel wire protocol, once, without I/O: constants, error codes, typed frames.
 
 Spec: ``docs/synthtunnel-protocol.md``. Both ends use this module — the agent
 (:mod:`~taskapp_notebook.tunnels.synthtunnel.agent`) and the relay
 (:mod:`taskapp_notebook.relay`) — as websockets' ``frames.py`` serves its client and server:
 
 - one typed frame class per frame type (:class:`Attach` ... :class:`RespError`);
-- one encoder, :func:`encode` (frame → JSON text);
-- one parser per direction, each with its leniency stated in its docstring:
-  :func:`parse_agent_frame` (the relay reading an agent) and :func:`parse_relay_frame`
+- in :mod:`.codec`: one encoder, ``encode`` (frame → JSON text; ``encode_body`` for a
+  binary body frame), and one parser per direction, each with its leniency stated in its
+  docstring: ``parse_agent_frame`` (the relay reading an agent) and ``parse_relay_frame``
   (an agent reading the relay). Both raise :class:`FrameError`; callers skip the message
   (section 3: malformed frames are never fatal) or fail the request it names (``rid``);
 - the constants and ``RESP_ERROR`` codes. The header rules of section 4 are in
   :mod:`.headers`.
 
-Rules both sides share: frames are JSON **text** messages (a binary message is malformed);
+Binary body frames (our extension, section "Binary bodies" of the spec document): an agent
+offers ``"binary_bodies": 1`` in ATTACH ``capabilities``; a relay that answers with the same
+in ATTACH_ACK ``capabilities`` has agreed, and from then on REQ_BODY and RESP_BODY may travel
+as binary messages ``kind (1 byte) | len(rid) (1 byte) | rid (UTF-8) | body bytes`` — no
+base64, no JSON. A relay that does not know the field (Synth's, the SDK's peers) ignores it,
+and both sides keep to JSON text. Without that agreement, and for every other frame type,
+frames are JSON **text** messages and a binary message is malformed.
+
+Rules both sides share:
 a header pair whose name is not an HTTP token, or whose value carries CR, LF or NUL, is
 dropped (it cannot be written on HTTP/1.1), never fatal to the request; headers named by a
 ``Connection`` header are hop-by-hop (RFC 9110 §7.6.1) and dropped with the fixed set.
@@ -21,10 +29,8 @@ dropped (it cannot be written on HTTP/1.1), never fatal to the request; headers 
 
 from __future__ import annotations
 
-import binascii
-import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +102,7 @@ class AttachAck:
 
     agent_id: str = ""
     leases: tuple[Mapping[str, Any], ...] = ()
+    capabilities: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,265 +184,14 @@ Frame = (
 )
 
 
-# -- encoder ---------------------------------------------------------------------------------
-
-_PLAIN = re.compile(r"[A-Za-z0-9_.:\-]*")
-
-
-def _s(text: str) -> str:
-    """``text`` as a JSON string (ids are plain, so usually without ``json.dumps``)."""
-    return f'"{text}"' if _PLAIN.fullmatch(text) else json.dumps(text)
+#: The capability (in ATTACH and ATTACH_ACK ``capabilities``) for binary body frames.
+BINARY_BODIES = "binary_bodies"
 
 
-def _b64(data: bytes | memoryview) -> str:
-    return binascii.b2a_base64(data, newline=False).decode("ascii")
+def binary_agreed(capabilities: Mapping[str, Any]) -> bool:
+    """True when ``capabilities`` (of an ATTACH or ATTACH_ACK) offer binary body frames."""
+    return capabilities.get(BINARY_BODIES) == 1
 
 
-def _dumps(doc: dict[str, Any]) -> str:
-    return json.dumps(doc, separators=(",", ":"))
-
-
-def encode(frame: Frame) -> str:
-    """One frame as compact JSON text (field order as in the spec, ``type`` first).
-
-    Body frames are built around their base64 directly: it needs no JSON escaping, and
-    ``json.dumps`` would scan and copy every ~87 KB chunk string once more.
-    """
-    if isinstance(frame, RespBody):
-        return (
-            f'{{"type":"RESP_BODY","lease_id":{_s(frame.lease_id)},"rid":{_s(frame.rid)},'
-            f'"chunk_b64":"{_b64(frame.data)}","eof":false}}'
-        )
-    if isinstance(frame, ReqBody):
-        return f'{{"type":"REQ_BODY","rid":{_s(frame.rid)},"chunk_b64":"{_b64(frame.data)}"}}'
-    if isinstance(frame, RespHeaders):
-        doc: dict[str, Any] = {
-            "type": "RESP_HEADERS",
-            "lease_id": frame.lease_id,
-            "rid": frame.rid,
-            "status": frame.status,
-            "headers": frame.headers,
-        }
-    elif isinstance(frame, RespEnd):
-        doc = {"type": "RESP_END", "lease_id": frame.lease_id, "rid": frame.rid}
-    elif isinstance(frame, RespError):
-        doc = {
-            "type": "RESP_ERROR",
-            "lease_id": frame.lease_id,
-            "rid": frame.rid,
-            "code": frame.code,
-            "message": frame.message,
-        }
-    elif isinstance(frame, ReqHeaders):
-        doc = {  # headers last, so truncated debug output shows the routing first
-            "type": "REQ_HEADERS",
-            "lease_id": frame.lease_id,
-            "rid": frame.rid,
-            "method": frame.method,
-            "path": frame.path,
-            "query": frame.query,
-            "deadline_ms": frame.deadline_ms,
-            "headers": frame.headers,
-        }
-    elif isinstance(frame, ReqEnd | Cancel):
-        doc = {"type": "REQ_END" if isinstance(frame, ReqEnd) else "CANCEL", "rid": frame.rid}
-    elif isinstance(frame, Attach):
-        leases = [
-            {"lease_id": t.lease_id, "local_target": {"host": t.host, "port": t.port}}
-            for t in frame.leases
-        ]
-        doc = {
-            "type": "ATTACH",
-            "agent_id": frame.agent_id,
-            "leases": leases,
-            "capabilities": dict(frame.capabilities),
-        }
-    elif isinstance(frame, AttachAck):
-        doc = {"type": "ATTACH_ACK", "agent_id": frame.agent_id, "leases": list(frame.leases)}
-    else:  # pragma: no cover - exhaustive
-        raise TypeError(f"not a frame: {frame!r}")
-    return _dumps(doc)
-
-
-def chunks(data: bytes, size: int = MAX_BODY_CHUNK) -> Iterable[bytes | memoryview]:
-    """``data`` in pieces of at most ``size`` bytes (views, not copies, when longer)."""
-    if len(data) <= size:
-        if data:
-            yield data
-        return
-    view = memoryview(data)
-    for start in range(0, len(data), size):
-        yield view[start : start + size]
-
-
-# -- parsers ---------------------------------------------------------------------------------
-
-
-def _object(message: str | bytes) -> dict[str, Any]:
-    if not isinstance(message, str):
-        raise FrameError("binary message (frames are JSON text)")
-    try:
-        doc = json.loads(message)
-    except ValueError:
-        raise FrameError("not JSON") from None
-    except RecursionError:  # '[[[[...' nested past the interpreter's limit
-        raise FrameError("JSON nested too deeply") from None
-    if not isinstance(doc, dict):
-        raise FrameError("not a JSON object")
-    if not isinstance(doc.get("type"), str):
-        raise FrameError("no string 'type'")
-    return doc
-
-
-def _id(doc: Mapping[str, Any], key: str) -> str | None:
-    value = doc.get(key)
-    return value if isinstance(value, str) and value else None
-
-
-def _rid(doc: Mapping[str, Any]) -> str:
-    rid = _id(doc, "rid")
-    if rid is None:
-        raise FrameError(f"{doc['type']} without a string rid")
-    return rid
-
-
-def _pairs(raw: Any, kind: str, rid: str, lease_id: str | None) -> Headers:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise FrameError(f"{kind} headers is not a list of [name, value] pairs", rid, lease_id)
-    for item in raw:
-        if not (
-            isinstance(item, list | tuple)
-            and len(item) == 2
-            and isinstance(item[0], str)
-            and isinstance(item[1], str)
-        ):
-            raise FrameError(
-                f"{kind} header {item!r:.80} is not a [name, value] pair", rid, lease_id
-            )
-    return tuple((name, value) for name, value in raw)
-
-
-def _body(doc: Mapping[str, Any], rid: str, lease_id: str | None) -> bytes:
-    text = doc.get("chunk_b64")
-    if not isinstance(text, str):
-        raise FrameError(f"{doc['type']} without a string chunk_b64", rid, lease_id)
-    try:
-        # strict_mode rejects what b64decode(validate=True) does, in one C pass.
-        return binascii.a2b_base64(text, strict_mode=True)
-    except (binascii.Error, ValueError):  # ValueError: non-ASCII text
-        raise FrameError(f"{doc['type']} chunk_b64 is not valid base64", rid, lease_id) from None
-
-
-def _target(item: Mapping[str, Any]) -> LeaseTarget:
-    local = item.get("local_target")
-    local = local if isinstance(local, dict) else {}
-    host, port = local.get("host"), local.get("port")
-    return LeaseTarget(
-        item["lease_id"],
-        host if isinstance(host, str) else "127.0.0.1",
-        port if isinstance(port, int) and not isinstance(port, bool) else None,
-    )
-
-
-def parse_agent_frame(message: str | bytes) -> AgentFrame:
-    """Read one agent → relay message (the relay's side). Raises :class:`FrameError`.
-
-    Lenient where agents in the field differ: ``lease_id`` may be missing on RESP_* (the
-    relay routes by ``rid``), RESP_BODY chunks may be of any size (the SDK's agent sends
-    up to ~800 KB although it advertises 64 KiB; only the message limit bounds them),
-    ``eof`` is ignored, RESP_ERROR without ``code``/``message`` reads as ``UNKNOWN``/"",
-    ATTACH lease items without a string ``lease_id`` are skipped.
-    """
-    doc = _object(message)
-    kind = doc["type"]
-    if kind == "ATTACH":
-        items = doc.get("leases", [])
-        if not isinstance(items, list):
-            raise FrameError("ATTACH leases is not a list")
-        caps = doc.get("capabilities")
-        agent_id = doc.get("agent_id")
-        return Attach(
-            agent_id=agent_id if isinstance(agent_id, str) else "",
-            leases=tuple(
-                _target(item)
-                for item in items
-                if isinstance(item, dict) and isinstance(item.get("lease_id"), str)
-            ),
-            capabilities=caps if isinstance(caps, dict) else {},
-        )
-    if kind not in ("RESP_HEADERS", "RESP_BODY", "RESP_END", "RESP_ERROR"):
-        return Unknown(kind)
-    rid = _rid(doc)
-    lease_id = _id(doc, "lease_id") or ""
-    if kind == "RESP_BODY":
-        return RespBody(lease_id, rid, _body(doc, rid, lease_id))
-    if kind == "RESP_HEADERS":
-        status = doc.get("status")
-        if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599:
-            raise FrameError(f"RESP_HEADERS status {status!r:.40} is not an int in 200..599", rid)
-        return RespHeaders(lease_id, rid, status, _pairs(doc.get("headers"), kind, rid, lease_id))
-    if kind == "RESP_END":
-        return RespEnd(lease_id, rid)
-    code, text = doc.get("code"), doc.get("message")
-    return RespError(
-        lease_id,
-        rid,
-        code if isinstance(code, str) else "UNKNOWN",
-        text if isinstance(text, str) else "",
-    )
-
-
+#: An HTTP token (method, header name).
 TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-
-
-def parse_relay_frame(message: str | bytes) -> RelayFrame:
-    """Read one relay → agent message (the agent's side). Raises :class:`FrameError`.
-
-    A REQ_HEADERS without ``lease_id`` and ``rid`` cannot be answered, so its FrameError
-    names neither (drop it); any other broken request frame names its ``rid`` (answer
-    ``BAD_REQUEST_FRAME``). Lenient: a missing or null ``query``/``headers`` is empty, a
-    leading ``?`` on ``query`` is dropped, a missing or unusable ``deadline_ms`` is
-    :data:`DEFAULT_DEADLINE_MS`, REQ_BODY chunks may be of any size up to the message limit.
-    """
-    doc = _object(message)
-    kind = doc["type"]
-    if kind == "REQ_BODY":
-        rid = _rid(doc)
-        return ReqBody(rid, _body(doc, rid, None))
-    if kind == "REQ_HEADERS":
-        lease, req = _id(doc, "lease_id"), _id(doc, "rid")
-        if lease is None or req is None:
-            raise FrameError("REQ_HEADERS without lease_id and rid")
-        lease_id, rid = lease, req
-        method, path, query = doc.get("method"), doc.get("path"), doc.get("query") or ""
-        if not isinstance(method, str) or not TOKEN_RE.fullmatch(method):
-            raise FrameError(f"REQ_HEADERS method {method!r:.40} is not a token", rid, lease_id)
-        if not isinstance(path, str) or not path.startswith("/"):
-            raise FrameError("REQ_HEADERS path must be a string starting with '/'", rid, lease_id)
-        if not isinstance(query, str):
-            raise FrameError("REQ_HEADERS query is not a string", rid, lease_id)
-        deadline = doc.get("deadline_ms")
-        if isinstance(deadline, bool) or not isinstance(deadline, int | float) or deadline <= 0:
-            deadline = DEFAULT_DEADLINE_MS
-        return ReqHeaders(
-            lease_id,
-            rid,
-            method,
-            path,
-            query.removeprefix("?"),
-            _pairs(doc.get("headers"), kind, rid, lease_id),
-            int(deadline),
-        )
-    if kind == "REQ_END":
-        return ReqEnd(_rid(doc))
-    if kind == "CANCEL":
-        return Cancel(_rid(doc))
-    if kind == "ATTACH_ACK":
-        agent_id, leases = doc.get("agent_id"), doc.get("leases")
-        return AttachAck(
-            agent_id if isinstance(agent_id, str) else "",
-            tuple(x for x in leases if isinstance(x, dict)) if isinstance(leases, list) else (),
-        )
-    return Unknown(kind)
