@@ -161,6 +161,14 @@ def spy_on_frames(mp: pytest.MonkeyPatch, log: FrameLog) -> None:
         await real_send(self, text)
 
     mp.setattr(relay_sessions.AgentSession, "send", send)
+    real_send_many = relay_sessions.AgentSession.send_many
+
+    async def send_many(self: relay_sessions.AgentSession, messages: list[str | bytes]) -> None:
+        for message in messages:
+            log.record("out", message)
+        await real_send_many(self, messages)
+
+    mp.setattr(relay_sessions.AgentSession, "send_many", send_many)
 
 
 # -- the SDK driver -------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from ..errors import mask_secret
+from ..tunnels.synthtunnel.batching import write_coalesced
 from ..tunnels.synthtunnel.codec import encode, parse_agent_frame
 from ..tunnels.synthtunnel.protocol import (
     BINARY_BODIES,
@@ -61,6 +62,9 @@ class AgentConnection(ServerConnection):
         super().connection_made(transport)
         if TCP_QUICKACK is not None:
             self._quickack = transport.get_extra_info("socket")
+
+    def send_data(self) -> None:
+        write_coalesced(self)  # REQ_HEADERS + REQ_END in one segment
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)

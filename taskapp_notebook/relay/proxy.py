@@ -140,8 +140,20 @@ async def _cancel(session: AgentSession, rid: str) -> None:
                 await session.send(encode(Cancel(rid)))
 
 
-async def _pump(session: AgentSession, exchange: Exchange, receive: Receive) -> None:
-    """Stream the caller's body to the agent, then watch for the caller leaving."""
+def _has_body(scope: Scope) -> bool:
+    """False when the request carries no body (no Transfer-Encoding, Content-Length 0 or
+    none): then REQ_END goes out with REQ_HEADERS."""
+    for name, value in scope.get("headers", []):
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
+
+
+async def _pump(
+    session: AgentSession, exchange: Exchange, receive: Receive, *, ended: bool
+) -> None:
+    """Stream the caller's body to the agent (unless ``ended``: REQ_END was sent with the
+    headers), then watch for the caller leaving."""
     rid = exchange.rid
     try:
         while True:
@@ -149,11 +161,13 @@ async def _pump(session: AgentSession, exchange: Exchange, receive: Receive) -> 
             if message["type"] == "http.disconnect":
                 exchange.interrupt(CallerGone())
                 return
-            for chunk in chunks(message.get("body", b"")):
-                await session.send(encode_body(ReqBody(rid, chunk), binary=session.binary))
+            if not ended:
+                for chunk in chunks(message.get("body", b"")):
+                    await session.send(encode_body(ReqBody(rid, chunk), binary=session.binary))
             if not message.get("more_body", False):
                 break
-        await session.send(encode(ReqEnd(rid)))
+        if not ended:
+            await session.send(encode(ReqEnd(rid)))
         # Returns when the caller disconnects (or, harmlessly, when the response is done).
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -209,20 +223,21 @@ async def _run(
 
     try:
         async with asyncio.timeout(cfg.request_timeout) as deadline:
-            await session.send(
-                encode(
-                    ReqHeaders(
-                        lease.lease_id,
-                        rid,
-                        method,
-                        path,
-                        bytes(scope.get("query_string", b"")).decode("latin-1"),
-                        tuple(headers),
-                        int(cfg.request_timeout * 1000),
-                    )
-                )
+            head = ReqHeaders(
+                lease.lease_id,
+                rid,
+                method,
+                path,
+                bytes(scope.get("query_string", b"")).decode("latin-1"),
+                tuple(headers),
+                int(cfg.request_timeout * 1000),
             )
-            pump = asyncio.create_task(_pump(session, exchange, receive))
+            ended = not _has_body(scope)
+            if ended:  # one write, so the agent reads the whole request at once
+                await session.send_many([encode(head), encode(ReqEnd(rid))])
+            else:
+                await session.send(encode(head))
+            pump = asyncio.create_task(_pump(session, exchange, receive, ended=ended))
             while True:
                 event = await exchange.get()
                 if isinstance(event, RespHeaders) and not started:

@@ -21,6 +21,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
+from ..tunnels.synthtunnel.batching import send_frames
 from ..tunnels.synthtunnel.codec import parse_agent_frame
 from ..tunnels.synthtunnel.protocol import (
     Attach,
@@ -150,6 +151,13 @@ class AgentSession:
         """Send one frame; raises AgentGoneError when the socket is closed."""
         try:
             await self.conn.send(text)
+        except ConnectionClosed as exc:
+            raise AgentGoneError(str(exc)) from None
+
+    async def send_many(self, messages: list[str | bytes]) -> None:
+        """Send frames back to back (one write when small); AgentGoneError when closed."""
+        try:
+            await send_frames(self.conn, messages)
         except ConnectionClosed as exc:
             raise AgentGoneError(str(exc)) from None
 

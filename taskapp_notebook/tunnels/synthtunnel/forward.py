@@ -39,7 +39,7 @@ import asyncio
 import logging
 import string
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from urllib.parse import quote
 
 from websockets.exceptions import ConnectionClosed
@@ -62,13 +62,16 @@ from .protocol import (
 
 logger = logging.getLogger(__name__)
 
-#: Sends one encoded frame (JSON text, or a binary body frame).
-Send = Callable[[str | bytes], Awaitable[None]]
+#: Sends encoded frames (JSON text, or binary body frames) back to back.
+Send = Callable[[Sequence[str | bytes]], Awaitable[None]]
 
 #: Characters kept as they are when re-quoting a request target with unsafe characters.
 _TARGET_SAFE = "".join(sorted(set(string.printable) - set(string.whitespace) - {"#"}))
 
 
+#: A response whose body is already read when its head is, up to this size, goes out as
+#: RESP_HEADERS + RESP_BODY + RESP_END in one write (``batching``).
+SMALL_RESPONSE = 32 * 1024
 #: Default bounds on buffered request-body bytes (see the module docstring).
 REQUEST_BUFFER_BYTES = 8 * 1024 * 1024
 AGENT_BUFFER_BYTES = 64 * 1024 * 1024
@@ -268,7 +271,20 @@ class ForwardedRequest:
                             (k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers
                         )
                         status = response.status
-                        await send(encode(RespHeaders(self.lease_id, self.rid, status, raw)))
+                        head = encode(RespHeaders(self.lease_id, self.rid, status, raw))
+                        small = response.buffered_body(SMALL_RESPONSE)
+                        if small is not None and (
+                            max_response_bytes is None or len(small) <= max_response_bytes
+                        ):
+                            # Already here: headers, body and end in one write.
+                            frames: list[str | bytes] = [head]
+                            for piece in chunks(small):
+                                frame = RespBody(self.lease_id, self.rid, piece)
+                                frames.append(encode_body(frame, binary=binary))
+                            frames.append(encode(RespEnd(self.lease_id, self.rid)))
+                            await send(frames)
+                            return
+                        await send([head])
                         headers_sent = True
                         total = 0
                         async for data in response.body():
@@ -281,7 +297,7 @@ class ForwardedRequest:
                                 break
                             for piece in chunks(data):
                                 frame = RespBody(self.lease_id, self.rid, piece)
-                                await send(encode_body(frame, binary=binary))
+                                await send([encode_body(frame, binary=binary)])
                     finally:
                         await response.aclose()
                 except LocalHTTPError as exc:
@@ -299,8 +315,8 @@ class ForwardedRequest:
         try:
             if error is not None:
                 logger.debug("SynthTunnel request %s failed: %s", self.rid, error)
-                await send(encode(RespError(self.lease_id, self.rid, *error)))
+                await send([encode(RespError(self.lease_id, self.rid, *error))])
             else:
-                await send(encode(RespEnd(self.lease_id, self.rid)))
+                await send([encode(RespEnd(self.lease_id, self.rid))])
         except ConnectionClosed:
             return

@@ -177,6 +177,17 @@ class Response:
         self._done = head.framing == "none" or (head.framing == "length" and not head.length)
         self._reusable = reusable and head.keep_alive
 
+    def buffered_body(self, limit: int) -> bytes | None:
+        """The whole body when it has already arrived and is at most ``limit`` bytes (a
+        small response: sent on in one go), else None (read it with :meth:`body`)."""
+        if self._done:
+            return b""
+        if self._framing == "length" and self._left <= min(limit, len(self._conn.buffer)):
+            data = self._conn.take(self._left)
+            self._left, self._done = 0, True
+            return data
+        return None
+
     async def body(self) -> AsyncIterator[bytes]:
         """The body as it arrives (transfer framing removed)."""
         conn = self._conn
