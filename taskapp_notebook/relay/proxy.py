@@ -262,7 +262,11 @@ async def _run(
                         return
                     if body_allowed and event.data:
                         await send(
-                            {"type": "http.response.body", "body": event.data, "more_body": True}
+                            {
+                                "type": "http.response.body",
+                                "body": bytes(event.data),
+                                "more_body": True,
+                            }
                         )
                 elif isinstance(event, RespEnd) and started:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -423,7 +423,7 @@ class LeaseAgent:
                 size = len(frame.data)
                 if not self._fits(request, size) and not await self._make_room(ws, request, size):
                     return  # the request ended or was failed meanwhile: drop the chunk
-                request.feed(bytes(frame.data))
+                request.feed(frame.data)
             else:
                 request.end()
         except FrameError as exc:

@@ -65,7 +65,7 @@ def encode_body(frame: ReqBody | RespBody, *, binary: bool) -> str | bytes:
     return encode(frame)
 
 
-def _binary_body(message: bytes, kind: int) -> tuple[str, bytes]:
+def _binary_body(message: bytes, kind: int) -> tuple[str, memoryview]:
     """(rid, body) of a binary body frame of ``kind``; FrameError otherwise."""
     if len(message) < 2 or message[0] != kind or len(message) < 2 + message[1]:
         raise FrameError("binary message that is not an agreed body frame")
@@ -76,7 +76,7 @@ def _binary_body(message: bytes, kind: int) -> tuple[str, bytes]:
         raise FrameError("binary body frame with a rid that is not UTF-8") from None
     if not rid:
         raise FrameError("binary body frame without a rid")
-    return rid, message[end:]
+    return rid, memoryview(message)[end:]  # a view: the body is not copied here
 
 
 def encode(frame: Frame) -> str:

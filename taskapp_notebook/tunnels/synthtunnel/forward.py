@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import string
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -67,6 +68,8 @@ Send = Callable[[Sequence[str | bytes]], Awaitable[None]]
 
 #: Characters kept as they are when re-quoting a request target with unsafe characters.
 _TARGET_SAFE = "".join(sorted(set(string.printable) - set(string.whitespace) - {"#"}))
+#: A target that is not printable ASCII without whitespace and ``#`` gets re-quoted.
+_NEEDS_QUOTING = re.compile(r"[^!-~]|#")
 
 
 #: A response whose body is already read when its head is, up to this size, goes out as
@@ -154,7 +157,7 @@ class ForwardedRequest:
         self.closed = False
         self.task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[bytes | memoryview] = deque()
         self._arrived = asyncio.Event()
 
     @classmethod
@@ -170,7 +173,7 @@ class ForwardedRequest:
         its target cannot be sent."""
         lease_id, rid, path, query = frame.lease_id, frame.rid, frame.path, frame.query
         target = path + (f"?{query}" if query else "")
-        if not target.isascii() or "#" in target or any(c in string.whitespace for c in target):
+        if _NEEDS_QUOTING.search(target):
             target = quote(target, safe=_TARGET_SAFE)
         pairs = agent_request_headers(frame.headers, api_keys=[api_key], lease_id=lease_id, rid=rid)
         headers = [(header_bytes(k), header_bytes(v)) for k, v in pairs]
@@ -195,7 +198,7 @@ class ForwardedRequest:
         if self.ended:
             raise FrameError("REQ_BODY after REQ_END")
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         """Add a body chunk; start streaming once a full chunk has arrived.
 
         Does not check the bounds: the agent makes room first (:meth:`fits`).
@@ -233,7 +236,7 @@ class ForwardedRequest:
         self.budget.give_back(size)
         return body
 
-    async def _stream(self) -> AsyncIterator[bytes]:
+    async def _stream(self) -> AsyncIterator[bytes | memoryview]:
         while True:
             if self._chunks:
                 chunk = self._chunks.popleft()

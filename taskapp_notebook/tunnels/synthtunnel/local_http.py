@@ -128,7 +128,7 @@ class _Connection(asyncio.Protocol):
             data = bytes(self.buffer)
             self.buffer.clear()
         else:
-            data = bytes(self.buffer[:size])
+            data = bytes(memoryview(self.buffer)[:size])  # one copy, not two
             del self.buffer[:size]
         self.buffered = len(self.buffer)
         if self.paused and self.buffered <= READ_BUFFER // 2 and self.transport is not None:
@@ -323,7 +323,7 @@ class LocalHTTP:
         method: str,
         target: bytes,
         headers: list[tuple[bytes, bytes]],
-        body: bytes | AsyncIterator[bytes],
+        body: bytes | AsyncIterator[bytes | memoryview],
     ) -> Response:
         """Send one request; return its response once the head arrived."""
         if not isinstance(body, bytes):
@@ -357,7 +357,7 @@ class LocalHTTP:
         method: str,
         target: bytes,
         headers: list[tuple[bytes, bytes]],
-        body: AsyncIterator[bytes],
+        body: AsyncIterator[bytes | memoryview],
     ) -> Response:
         conn = await self._acquire()
         head = self._head(method, target, headers, b"transfer-encoding: chunked\r\n")
@@ -373,10 +373,12 @@ class LocalHTTP:
             self._discard(conn)
             raise
 
-    async def _send_chunked(self, conn: _Connection, body: AsyncIterator[bytes]) -> None:
+    async def _send_chunked(
+        self, conn: _Connection, body: AsyncIterator[bytes | memoryview]
+    ) -> None:
         async for chunk in body:
             if chunk:
-                await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                await conn.write(b"".join((b"%x\r\n" % len(chunk), chunk, b"\r\n")))
         await conn.write(b"0\r\n\r\n")
 
     async def _response(
