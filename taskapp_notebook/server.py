@@ -19,6 +19,7 @@ from collections.abc import Generator
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .errors import ServerStartError
 
@@ -68,6 +69,76 @@ class _Server(uvicorn.Server):
             delay = min(delay * 2, 0.05)
         if not self.force_exit:
             await self.lifespan.shutdown()
+
+
+class _CoalescedWrites:
+    """A transport whose small writes within one loop iteration go out as one ``send``.
+
+    uvicorn's h11 protocol writes a response in two to four pieces (head, body, chunk end);
+    each is a syscall and, on loopback, a wake-up of the reader. Writes are held until the
+    end of the current loop iteration (``call_soon``) and joined; a large write (a body
+    chunk) flushes what is held and goes out as it is, so bodies are not copied. Everything
+    else is the real transport's.
+    """
+
+    LIMIT = 64 * 1024
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._held: list[bytes] = []
+        self._size = 0
+        self._loop = asyncio.get_running_loop()
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._size + len(data) > self.LIMIT:
+            self.flush()
+            self._transport.write(data)
+            return
+        if not self._held:
+            self._loop.call_soon(self.flush)
+        self._held.append(data)
+        self._size += len(data)
+
+    def flush(self) -> None:
+        if self._held:
+            data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+            self._held.clear()
+            self._size = 0
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self._size + self._transport.get_write_buffer_size()
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class CoalescingH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol writing each response in as few ``send`` calls as it can
+    (``ServerHandle(..., http=CoalescingH11Protocol)``; the relay uses it). A WebSocket
+    upgrade gets the real transport."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.transport = _CoalescedWrites(transport)  # type: ignore[assignment]
+
+    def handle_websocket_upgrade(self, event: Any) -> None:
+        held = self.transport
+        if isinstance(held, _CoalescedWrites):
+            held.flush()
+            self.transport = held._transport
+        super().handle_websocket_upgrade(event)
 
 
 class ServerHandle:
