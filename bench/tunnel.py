@@ -64,7 +64,7 @@ def _line(stream: IO[str], proc: subprocess.Popen[str], what: str) -> str:
     return line
 
 
-def start_relay(port: int, profile: str | None) -> subprocess.Popen[str]:
+def start_relay(port: int, profile: str | None, loop: str = "auto") -> subprocess.Popen[str]:
     command = [str(PYTHON), "-m", "cProfile", "-o", profile, "-m", "taskapp_notebook.relay"]
     proc = subprocess.Popen(
         [
@@ -75,6 +75,8 @@ def start_relay(port: int, profile: str | None) -> subprocess.Popen[str]:
             str(port),
             "--api-key",
             KEY,
+            "--loop",
+            loop,
             "--log-level",
             "WARNING",
         ],
@@ -197,6 +199,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--profile-ours", help="write a cProfile of our agent's process here")
     parser.add_argument("--profile-relay", help="write a cProfile of the relay's process here")
+    parser.add_argument(
+        "--relay-loop",
+        default="auto",
+        choices=["auto", "asyncio", "uvloop"],
+        help="the relay's event loop (auto: uvloop when installed)",
+    )
     parser.add_argument("--only-ours", action="store_true", help="skip the SDK's agent")
     args = parser.parse_args()
     if not SDK_PYTHON.exists() and not args.only_ours:
@@ -204,7 +212,7 @@ def main() -> None:
     from taskapp_notebook.ports import pick_free_port
 
     relay_port = pick_free_port()
-    relay = start_relay(relay_port, args.profile_relay)
+    relay = start_relay(relay_port, args.profile_relay, args.relay_loop)
     children = []
     with tempfile.TemporaryDirectory() as home:
         env = dict(

@@ -126,8 +126,8 @@ class _CoalescedWrites:
 
 class CoalescingH11Protocol(H11Protocol):
     """uvicorn's h11 protocol writing each response in as few ``send`` calls as it can
-    (``ServerHandle(..., http=CoalescingH11Protocol)``; the relay uses it). A WebSocket
-    upgrade gets the real transport."""
+    (``ServerHandle``'s default: the task app and the relay). A WebSocket upgrade gets the
+    real transport."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -164,6 +164,7 @@ class ServerHandle:
             "log_config": None,
             "access_log": False,
             "lifespan": "auto",
+            "http": CoalescingH11Protocol,
             "timeout_graceful_shutdown": int(graceful_timeout) or 1,
             **options,
         }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.util
 import json
 import logging
 import os
@@ -328,8 +329,8 @@ async def test_agent_with_nagle_on_is_not_delayed_by_relay_acks(
             assert r.status_code == 200 and r.content == b"ok"
     finally:
         await ws.close()
-    # Speed is a benchmark's business (bench/sdk_agent.py: 44 ms -> 2 ms per request through
-    # the SDK's agent); here the figure is only reported, for whoever reads the log.
+    # Speed is a benchmark's business (bench/tunnel.py; docs/synthtunnel-protocol.md section
+    # 5: 44 ms -> 2-4 ms per request through the SDK's agent); here it is only reported.
     logging.getLogger(__name__).info(
         "Nagle-on agent round trip: median %.1f ms", statistics.median(times) * 1000
     )
@@ -590,7 +591,10 @@ def test_thread_helper_and_port_in_use() -> None:
     assert port_is_free(port)
 
 
-def test_cli_serves_and_stops_on_sigterm() -> None:
+@pytest.mark.parametrize("loop", ["auto", "asyncio"])
+def test_cli_serves_and_stops_on_sigterm(loop: str) -> None:
+    """The CLI as deployed; ``auto`` runs on uvloop when it is installed (the [relay] and
+    test extras install it)."""
     port = free_port()
     env = {**os.environ, "TASKAPP_RELAY_API_KEYS": "env-key-1, env-key-2"}
     cmd = [
@@ -603,6 +607,8 @@ def test_cli_serves_and_stops_on_sigterm() -> None:
         str(port),
         "--api-key",
         "cli-key",
+        "--loop",
+        loop,
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -628,6 +634,9 @@ def test_cli_serves_and_stops_on_sigterm() -> None:
     assert f"SYNTH_BACKEND_URL=http://127.0.0.1:{port}" in out
     assert "env-key-1" not in err and "cli-key" not in err  # keys are masked in logs
     assert port_is_free(port)
+    uvloop_installed = importlib.util.find_spec("uvloop") is not None
+    expected = "uvloop" if loop == "auto" and uvloop_installed else "asyncio"
+    assert f"event loop: {expected}" in err
 
     no_keys = {k: v for k, v in os.environ.items() if k != "TASKAPP_RELAY_API_KEYS"}
     done = subprocess.run(
@@ -638,6 +647,7 @@ def test_cli_serves_and_stops_on_sigterm() -> None:
         timeout=30,
     )
     assert done.returncode == 2 and "no API key" in done.stderr
+
 
 
 def test_exports_and_lazy_import() -> None:

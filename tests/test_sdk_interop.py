@@ -7,7 +7,7 @@ our in-process ``RelayServer``, for a real uvicorn app. The tests then call the 
 through the relay, record the frames the agent sends and receives, and stop or expire the
 lease. Everything stays on 127.0.0.1; nothing is downloaded here.
 
-Latency figures: ``python bench/sdk_agent.py`` (or ``-o log_cli=true --log-cli-level=INFO``
+Latency figures: ``python bench/tunnel.py`` (or ``-o log_cli=true --log-cli-level=INFO``
 here for the frame summary and a short timing line).
 """
 
@@ -397,7 +397,7 @@ def test_one_mib_body_both_ways(setup: Setup, client: httpx.Client) -> None:
         largest,
     )
 
-    # A short timing line (no assertion): the full comparison is bench/sdk_agent.py.
+    # A short timing line (no assertion): the full comparison is bench/tunnel.py.
     times = []
     for _ in range(50):
         t0 = time.perf_counter()

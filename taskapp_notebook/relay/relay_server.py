@@ -17,7 +17,7 @@ from typing import Self
 
 from ..errors import mask_secret
 from ..loops import LoopThread
-from ..server import CoalescingH11Protocol, ServerHandle
+from ..server import ServerHandle
 from .app import RelayApp
 from .config import RelayConfig
 from .endpoint import AgentEndpoint
@@ -146,7 +146,6 @@ class RelayServer:
             RelayApp(state),
             sock,
             graceful_timeout=5.0,
-            http=CoalescingH11Protocol,
             ws=endpoint.protocol_class,
             interface="asgi3",
             lifespan="off",
