@@ -5,7 +5,10 @@
    ``InProcessTaskApp(tunnel_mode="synthtunnel")``, app and agent on one loop);
 3. the same echo app behind synth-ai 0.9.11's compiled agent (``_tunnel_sdk.py``, run by
    ``.venv-sdk/bin/python`` from ``scripts/sdk-venv``): the BASELINE;
-4. this process, the client (httpx, one keep-alive pool per path).
+4. this process, the client, one keep-alive pool per path: ``--client httpx`` (default: a
+   typical Python caller, as the issue measured) or ``--client raw`` (the plain HTTP/1.1
+   client our agent uses, ``local_http``: ~10× cheaper per request, so the servers, not the
+   client, set the pace at 16 in flight).
 
 For each path — straight to each app's port, through the relay to our agent, through the
 relay to the SDK's agent — it measures sequential ``GET /health`` latency, requests/s with
@@ -31,8 +34,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 import httpx
+
+from taskapp_notebook.tunnels.synthtunnel.local_http import LocalHTTP
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -49,6 +55,36 @@ class Path_:
     url: str
     headers: dict[str, str]
     figures: dict[str, list[float]] = field(default_factory=dict)
+
+    raw: bool = False
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        assert parts.hostname and parts.port
+        self.client = LocalHTTP(parts.hostname, parts.port)
+        limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
+        self.httpx = httpx.AsyncClient(trust_env=False, timeout=120, limits=limits)
+        self.prefix = parts.path.rstrip("/").encode()
+        self.raw_headers = [(k.encode(), v.encode()) for k, v in self.headers.items()]
+
+    async def call(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        if not self.raw:
+            r = await self.httpx.request(
+                method, self.url + path, content=body or None, headers=self.headers
+            )
+            return r.status_code, r.content
+        response = await self.client.request(
+            method, self.prefix + path.encode(), self.raw_headers, body
+        )
+        try:
+            data = b"".join([chunk async for chunk in response.body()])
+        finally:
+            await response.aclose()
+        return response.status, data
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        await self.httpx.aclose()
 
     def add(self, name: str, value: float) -> None:
         self.figures.setdefault(name, []).append(value)
@@ -113,62 +149,65 @@ def stop(proc: subprocess.Popen[str]) -> None:
         proc.wait()
 
 
-async def sequential(client: httpx.AsyncClient, p: Path_, n: int) -> float:
+async def sequential(p: Path_, n: int) -> float:
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
-        r = await client.get(f"{p.url}/health", headers=p.headers)
+        status, _ = await p.call("GET", "/health")
         times.append(time.perf_counter() - t0)
-        r.raise_for_status()
+        assert status == 200, (p.label, status)
     return statistics.median(times) * 1000
 
 
-async def in_flight(client: httpx.AsyncClient, p: Path_, n: int, width: int = 16) -> float:
+async def in_flight(p: Path_, n: int, width: int = 16) -> float:
     sem = asyncio.Semaphore(width)
 
     async def one() -> None:
         async with sem:
-            (await client.get(f"{p.url}/health", headers=p.headers)).raise_for_status()
+            status, _ = await p.call("GET", "/health")
+            assert status == 200, (p.label, status)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(n)))
     return n / (time.perf_counter() - t0)
 
 
-async def echo(client: httpx.AsyncClient, p: Path_, body: bytes, n: int) -> float:
+async def echo(p: Path_, body: bytes, n: int) -> float:
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
-        r = await client.post(f"{p.url}/echo", content=body, headers=p.headers)
+        status, data = await p.call("POST", "/echo", body)
         times.append(time.perf_counter() - t0)
-        if r.status_code != 200 or r.content != body:
-            raise SystemExit(f"{p.label}: echo came back wrong ({r.status_code})")
+        if status != 200 or data != body:
+            raise SystemExit(f"{p.label}: echo came back wrong ({status})")
     return statistics.median(times) * 1000
 
 
 async def measure(paths: list[Path_], rounds: int, requests: int) -> None:
     one, eight = os.urandom(MIB), os.urandom(8 * MIB)
-    limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
-    async with httpx.AsyncClient(trust_env=False, timeout=120, limits=limits) as client:
+    try:
         for p in paths:  # warm up every connection pool and both agents
-            await in_flight(client, p, 64)
-            await echo(client, p, one, 1)
+            await in_flight(p, 64)
+            await echo(p, one, 1)
         for r in range(rounds):
             for p in paths:
-                p.add("latency_ms", await sequential(client, p, requests))
-                p.add("rps", await in_flight(client, p, requests * 2))
-                p.add("echo1_ms", await echo(client, p, one, 5))
-                p.add("echo8_ms", await echo(client, p, eight, 3))
+                p.add("latency_ms", await sequential(p, requests))
+                p.add("rps", await in_flight(p, requests * 2))
+                p.add("echo1_ms", await echo(p, one, 5))
+                p.add("echo8_ms", await echo(p, eight, 3))
             print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    finally:
+        for p in paths:
+            await p.aclose()
 
 
-def table(paths: list[Path_], rounds: int, requests: int) -> str:
+def table(paths: list[Path_], rounds: int, requests: int, client: str) -> str:
     by = {p.label: p for p in paths}
     sdk = by["through the relay, SDK 0.9.11 agent (baseline)"]
     direct = by["direct to our app"]
     lines = [
         f"Loopback, 4 processes (relay, our app + agent, the same app + the SDK's compiled "
-        f"agent, client), one run: medians over {rounds} rounds of {requests} sequential "
+        f"agent, client: {client}), one run: medians over {rounds} rounds of {requests} sequential "
         f"`GET /health`, {2 * requests} `GET /health` with 16 in flight, 5 × 1 MiB and "
         "3 × 8 MiB `POST /echo` (body sent and echoed back). Ratios: against the SDK's "
         "agent (tunnel rows) and against direct (req/s).",
@@ -205,6 +244,7 @@ def main() -> None:
         choices=["auto", "asyncio", "uvloop"],
         help="the relay's event loop (auto: uvloop when installed)",
     )
+    parser.add_argument("--client", default="httpx", choices=["httpx", "raw"])
     parser.add_argument("--only-ours", action="store_true", help="skip the SDK's agent")
     args = parser.parse_args()
     if not SDK_PYTHON.exists() and not args.only_ours:
@@ -248,6 +288,8 @@ def main() -> None:
                         {"Authorization": f"Bearer {sdk['worker_token']}"},
                     )
                 )
+            for p in paths:
+                p.raw = args.client == "raw"
             asyncio.run(measure(paths, args.rounds, args.requests))
         finally:
             for proc in children:
@@ -258,7 +300,7 @@ def main() -> None:
         for p in paths:
             print(p.label, {k: round(p.median(k), 2) for k in p.figures})
     else:
-        print(table(paths, args.rounds, args.requests))
+        print(table(paths, args.rounds, args.requests, args.client))
 
 
 if __name__ == "__main__":

@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--loop",
         default="auto",
         choices=["auto", "asyncio", "uvloop"],
-        help="event loop: uvloop when installed (pip install 'taskapp-notebook[relay]'; "
-        "about a third less CPU per proxied request), else asyncio (default %(default)s)",
+        help="event loop: uvloop when installed (pip install 'taskapp-notebook[relay]'), "
+        "else asyncio (default %(default)s)",
     )
     p.add_argument(
         "--log-level",
