@@ -45,7 +45,10 @@ Messages say what failed, why, and what to do, with user values in ``!r``.
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Sequence
+from typing import Any
 
 
 class TaskAppError(Exception):
@@ -116,3 +119,27 @@ def scrub_secrets(text: str, secrets: Sequence[str | None]) -> str:
         if secret and len(secret) >= 4:
             text = text.replace(secret, mask_secret(secret))
     return text
+
+
+_CREDENTIAL_HEADER = re.compile(
+    r"(?i)((?:authorization|x-api-keys?|x-synthtunnel-worker-token)\s*[:=]\s*(?:bearer\s+)?)"
+    r"([^\s,'\"]+)"
+)
+
+
+class RedactingLogger(logging.LoggerAdapter[logging.Logger]):
+    """A logger for a library (websockets logs handshake headers at DEBUG) whose lines are
+    scrubbed: credential header values (``Authorization``, ``X-API-Key(s)``, the worker-token
+    header) and the given ``secrets`` are masked before the record is made."""
+
+    def __init__(self, logger: logging.Logger, secrets: Sequence[str | None] = ()) -> None:
+        super().__init__(logger, {})
+        self.secrets = secrets
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if not self.isEnabledFor(level):
+            return
+        text = str(msg) % args if args else str(msg)
+        text = _CREDENTIAL_HEADER.sub(lambda m: m.group(1) + mask_secret(m.group(2)), text)
+        kwargs.setdefault("stacklevel", 2)
+        self.logger.log(level, "%s", scrub_secrets(text, self.secrets), **kwargs)

@@ -22,7 +22,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from ..errors import mask_secret
+from ..errors import RedactingLogger, mask_secret
 from ..tunnels.synthtunnel.batching import write_coalesced
 from ..tunnels.synthtunnel.codec import encode, parse_agent_frame
 from ..tunnels.synthtunnel.protocol import (
@@ -109,7 +109,11 @@ class AgentEndpoint:
                     # No extensions: permessage-deflate, which agents offer, is declined.
                     # Bodies are base64 (random data deflates only to ~77 % at ~20 MB/s
                     # per core); on loopback or a LAN it would halve throughput for little.
-                    ServerProtocol(max_size=cfg.max_message_bytes),
+                    ServerProtocol(
+                        max_size=cfg.max_message_bytes,
+                        # Handshake headers are logged at DEBUG: mask the agent tokens.
+                        logger=RedactingLogger(logging.getLogger("websockets.server")),
+                    ),
                     server,
                     ping_interval=cfg.ping_interval,
                     ping_timeout=cfg.ping_timeout,

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
-from ...errors import TunnelError
+from ...errors import RedactingLogger, TunnelError
 from ..base import TunnelState
 from .batching import send_frames, write_coalesced
 from .codec import encode, parse_relay_frame
@@ -200,6 +200,8 @@ class LeaseAgent:
                 close_timeout=1.0,
                 proxy=True if self.use_proxy else None,
                 create_connection=AgentClientConnection,
+                # websockets logs handshake headers at DEBUG: mask the agent token there.
+                logger=RedactingLogger(logging.getLogger("websockets.client"), self._secrets()),
             )
         except InvalidStatus as exc:
             status = exc.response.status_code
