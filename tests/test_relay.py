@@ -649,7 +649,6 @@ def test_cli_serves_and_stops_on_sigterm(loop: str) -> None:
     assert done.returncode == 2 and "no API key" in done.stderr
 
 
-
 def test_exports_and_lazy_import() -> None:
     import taskapp_notebook.relay as relay_pkg
 
@@ -753,3 +752,22 @@ async def test_binary_bodies_are_agreed_at_attach_and_used_both_ways(
         assert (r.status_code, r.content) == (200, b"binary,json")
     finally:
         await ws.close()
+
+
+async def test_deeply_nested_json_is_a_client_error(relay: RelayServer, client: httpx.AsyncClient):
+    """``[[[[...`` past the parser's recursion limit is a 400, not a 500 with a traceback;
+    nesting the parser takes but the relay would have to store is refused with 422."""
+    url = relay.url + LEASES
+    for body in (
+        "[" * 100_000 + "]" * 100_000,
+        '{"metadata": ' + "[" * 50_000 + "]" * 50_000 + "}",
+    ):
+        r = await client.post(url, content=body, headers=auth())
+        assert (r.status_code, r.json()["code"]) == (400, "invalid_json"), r.text
+    nested: Any = "leaf"
+    for _ in range(200):
+        nested = [nested]
+    r = await client.post(url, json={"metadata": {"a": nested}}, headers=auth())
+    assert r.status_code == 422 and "nested" in r.json()["detail"], r.text
+    r = await client.post(url, json={"metadata": {"a": [[["fine"]]]}}, headers=auth())
+    assert r.status_code == 201

@@ -124,7 +124,7 @@ class RelayApp:
             return
         try:
             body = json.loads(raw) if raw.strip() else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: '[[[[...' past the limit
             await send_problem(send, 400, "invalid_json", "the body is not JSON", rid)
             return
         try:

@@ -31,6 +31,24 @@ class InvalidLeaseRequestError(ValueError):
     """A lease POST body the relay cannot honour."""
 
 
+#: How deep ``metadata`` / ``local_target`` may nest (the relay stores and returns them).
+MAX_JSON_DEPTH = 32
+
+
+def _depth(value: Any, limit: int = MAX_JSON_DEPTH + 1) -> int:
+    """Nesting depth of a parsed JSON value, counted up to ``limit`` (no recursion)."""
+    depth, level = 0, [value]
+    while level and depth < limit:
+        depth += 1
+        level = [
+            child
+            for item in level
+            if isinstance(item, dict | list)
+            for child in (item.values() if isinstance(item, dict) else item)
+        ]
+    return depth
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -110,6 +128,10 @@ class RelayState:
             raise InvalidLeaseRequestError("client_instance_id must be a string")
         if not isinstance(target, dict) or not isinstance(metadata, dict):
             raise InvalidLeaseRequestError("local_target and metadata must be JSON objects")
+        if _depth(target) > MAX_JSON_DEPTH or _depth(metadata) > MAX_JSON_DEPTH:
+            raise InvalidLeaseRequestError(
+                f"local_target and metadata are nested deeper than {MAX_JSON_DEPTH} levels"
+            )
         if ttl_raw is None:
             ttl_raw = self.config.default_ttl
         if not _number(ttl_raw) or not ttl_raw > 0:
