@@ -8,6 +8,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import httpx
 import pytest
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
@@ -146,6 +147,20 @@ async def test_a_request_lost_on_a_stale_keep_alive_connection_is_sent_again() -
     async def closes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.close()
+
+    # The agent's former client (an httpx transport, as in issue "requests lost under load")
+    # loses the request on the stale connection: the server closed it without an answer.
+    served.clear()
+    async with raw_server(handler) as port:
+        transport = httpx.AsyncHTTPTransport()
+        try:
+            url = f"http://127.0.0.1:{port}"
+            first = await transport.handle_async_request(httpx.Request("GET", url + "/a"))
+            await first.aread()
+            with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+                await transport.handle_async_request(httpx.Request("GET", url + "/b"))
+        finally:
+            await transport.aclose()
 
     async with raw_server(closes) as port:
         client = LocalHTTP("127.0.0.1", port)

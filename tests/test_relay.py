@@ -771,3 +771,23 @@ async def test_deeply_nested_json_is_a_client_error(relay: RelayServer, client: 
     assert r.status_code == 422 and "nested" in r.json()["detail"], r.text
     r = await client.post(url, json={"metadata": {"a": [[["fine"]]]}}, headers=auth())
     assert r.status_code == 201
+
+
+async def test_relay_keeps_idle_connections_longer_than_clients_do(relay: RelayServer):
+    """Requests lost under load (one hop of it): httpx keeps idle connections 5 s, uvicorn
+    closed them after 5 s, so a request written at that moment on a reused connection was
+    lost. The relay now keeps them ``keep_alive_timeout`` (20 s): the same socket still
+    works after 5.5 s idle."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    try:
+        for wait in (0.0, 5.5):
+            await asyncio.sleep(wait)
+            writer.write(b"GET /health HTTP/1.1\r\nhost: relay\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200")
+            length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))  # type: ignore[union-attr]
+            await reader.readexactly(length)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert RelayConfig().keep_alive_timeout > 15  # above httpx's 5 s and aiohttp's 15 s

@@ -146,6 +146,7 @@ class RelayServer:
             RelayApp(state),
             sock,
             graceful_timeout=5.0,
+            timeout_keep_alive=self.config.keep_alive_timeout,
             ws=endpoint.protocol_class,
             interface="asgi3",
             lifespan="off",
