@@ -2,8 +2,10 @@
 
 Spec: ``docs/synthtunnel-protocol.md``. Modules, one concept each:
 
-- :mod:`.protocol` — frames and their codec (stdlib only, no I/O; the relay uses it too);
+- :mod:`.protocol` — constants, error codes, typed frames (stdlib only, no I/O; the relay
+  uses it too); :mod:`.codec` — the encoder and one parser per direction;
 - :mod:`.headers` — the header rules of both ends;
+- :mod:`.batching` — several frames in one TCP write on a websockets connection;
 - :mod:`.lease_client` — the lease API client (create, renew, delete);
 - :mod:`.agent` — one lease's WebSocket to the relay (ATTACH, receive loop, reconnects);
 - :mod:`.forward` — one request forwarded to the local app, with bounded body buffers;
