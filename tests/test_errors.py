@@ -9,6 +9,7 @@ import inspect
 import pkgutil
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import taskapp_notebook
 from taskapp_notebook import errors
@@ -92,3 +93,12 @@ def test_every_exception_is_drawn_under_its_parent() -> None:
             )
         if entry.builtin is not None:
             assert entry.builtin in [base.__name__ for base in cls.__mro__], name
+
+
+def test_no_module_name_is_used_twice() -> None:
+    """One name, one concept: ``frames.py`` / ``server.py`` / ``leases.py`` each existed twice
+    for different things (relay vs agent vs task app) before."""
+    root = Path(taskapp_notebook.__file__).parent
+    names = [p.name for p in root.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")]
+    assert len(names) > 30
+    assert sorted({n for n in names if names.count(n) > 1}) == []
