@@ -81,6 +81,12 @@ async def test_requests_bodies_and_keep_alive_against_uvicorn() -> None:
             assert (await read_all(client, "HEAD", b"/health"))[2] == b""
             assert len(client._open) == 1  # every request on one keep-alive connection
             assert client.retries == 0
+            # A response not read to its end cannot leave its connection reusable: closed,
+            # and forgotten (no connection object kept per abandoned response).
+            for _ in range(3):
+                response = await client.request("POST", b"/echo", [], big)
+                await response.aclose()
+            assert len(client._open) <= 1
         finally:
             await client.aclose()
 

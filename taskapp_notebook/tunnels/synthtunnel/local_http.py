@@ -250,7 +250,7 @@ class Response:
         if self._done and self._reusable and not conn.closed and not conn.buffer:
             self._client._release(conn)
         else:
-            conn.abort()
+            self._client._discard(conn)
 
 
 class LocalHTTP:
