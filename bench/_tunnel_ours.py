@@ -3,7 +3,9 @@
 ``InProcessTaskApp(tunnel_mode="synthtunnel", serve_on="loop")``: app and agent share this
 process's event loop, as in a notebook kernel. Needs ``SYNTH_BACKEND_URL`` and
 ``SYNTH_API_KEY``. Prints ``{"url", "worker_token", "local_url"}`` once serving, then runs
-until stdin closes. ``BENCH_PROFILE=<file>`` writes a cProfile of the serving phase there.
+until stdin closes. ``BENCH_PROFILE=<file>`` writes a cProfile of the serving phase there;
+``BENCH_JSON_BODIES=1`` keeps the agent from offering binary body frames (the path it takes
+with a relay that does not agree, such as Synth's).
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from taskapp_notebook.ports import pick_free_port
 
 
 async def main() -> None:
+    if os.environ.get("BENCH_JSON_BODIES") == "1":
+        from taskapp_notebook.tunnels.synthtunnel import agent
+
+        agent.OFFER_BINARY_BODIES = False
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     threading.Thread(

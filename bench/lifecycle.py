@@ -51,8 +51,9 @@ def bench_thread(app: Any, cycles: int) -> tuple[list[float], list[float]]:
     starts, stops = [], []
     port = pick_free_port()
     for _ in range(cycles):
-        ta = InProcessTaskApp(app=app, tunnel_mode="local", port=port, serve_on="thread",
-                              api_key="bench")
+        ta = InProcessTaskApp(
+            app=app, tunnel_mode="local", port=port, serve_on="thread", api_key="bench"
+        )
         t0 = time.perf_counter()
         ta.start()
         starts.append(time.perf_counter() - t0)
@@ -71,8 +72,9 @@ def bench_loop(app: Any, cycles: int) -> tuple[list[float], list[float]]:
 
     async def main() -> None:
         for _ in range(cycles):
-            ta = InProcessTaskApp(app=app, tunnel_mode="local", port=port, serve_on="loop",
-                                  api_key="bench")
+            ta = InProcessTaskApp(
+                app=app, tunnel_mode="local", port=port, serve_on="loop", api_key="bench"
+            )
             t0 = time.perf_counter()
             await ta.astart()
             starts.append(time.perf_counter() - t0)
@@ -92,8 +94,7 @@ def bench_baseline(app: Any, cycles: int) -> tuple[list[float], list[float]]:
     starts, stops = [], []
     port = pick_free_port()
     for _ in range(cycles):
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
-                                access_log=False)
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, daemon=True)
         t0 = time.perf_counter()
@@ -115,14 +116,12 @@ def bench_baseline(app: Any, cycles: int) -> tuple[list[float], list[float]]:
 
 
 def bench_import(module: str, runs: int) -> list[float]:
-    code = (
-        f"import time; t = time.perf_counter(); import {module}; "
-        "print(time.perf_counter() - t)"
-    )
+    code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
     out = []
     for _ in range(runs):
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                check=True)
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
         out.append(float(result.stdout.strip()))
     return out
 
@@ -141,14 +140,14 @@ def table(cycles: int) -> str:
     results: dict[str, tuple[list[float], list[float]]] = {}
     runs: list[tuple[str, Callable[[Any, int], tuple[list[float], list[float]]]]] = [
         ("baseline: uvicorn.run in a thread + 200 ms poll (SDK's way)", bench_baseline),
-        ("InProcessTaskApp serve_on=\"thread\"", bench_thread),
-        ("InProcessTaskApp serve_on=\"loop\"", bench_loop),
+        ('InProcessTaskApp serve_on="thread"', bench_thread),
+        ('InProcessTaskApp serve_on="loop"', bench_loop),
     ]
     for label, fn in runs:
         results[label] = fn(app, cycles)
     base_start, base_stop = results[runs[0][0]]
     lines = [
-        f"Medians of {cycles} cycles, `tunnel_mode=\"local\"`, on the 2-core development "
+        f'Medians of {cycles} cycles, `tunnel_mode="local"`, on the 2-core development '
         "machine (shared and noisy: read the ratios).",
         "",
         "| what | start → healthy | stop → port free |",

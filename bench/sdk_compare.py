@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DRIVER = ROOT / "bench" / "_lifecycle_driver.py"
 SDK_PYTHON = ROOT / ".venv-sdk" / "bin" / "python"
 OURS_PYTHON = ROOT / ".venv" / "bin" / "python"
-SDK_LABEL = "synth-ai 0.9.11 `InProcessContainer(tunnel_mode=\"local\")` (baseline)"
+SDK_LABEL = 'synth-ai 0.9.11 `InProcessContainer(tunnel_mode="local")` (baseline)'
 SDK_IMPORT = "from synth_ai import InProcessContainer"
 # The SDK polls /health every 200 ms: a start slower than this paid at least one poll sleep.
 SLOW_START = 0.1
@@ -52,7 +52,8 @@ _NETNS = ["unshare", "-rn", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
 
 def child_env(home: str) -> dict[str, str]:
     env = {
-        key: value for key, value in os.environ.items()
+        key: value
+        for key, value in os.environ.items()
         if not key.upper().startswith("SYNTH_") and key.upper() not in _DROPPED_ENV
     }
     env["HOME"] = home
@@ -69,17 +70,19 @@ def run_child(cmd: list[str], env: dict[str, str], netns: bool) -> str:
     return result.stdout
 
 
-def lifecycle(python: Path, impl: str, cycles: int, env: dict[str, str],
-              netns: bool) -> dict[str, Any]:
-    out = run_child([str(python), str(DRIVER), "--impl", impl, "--cycles", str(cycles)], env,
-                    netns)
+def lifecycle(
+    python: Path, impl: str, cycles: int, env: dict[str, str], netns: bool
+) -> dict[str, Any]:
+    out = run_child([str(python), str(DRIVER), "--impl", impl, "--cycles", str(cycles)], env, netns)
     variants: dict[str, Any] = json.loads(out.strip().splitlines()[-1])["variants"]
     return variants
 
 
-def import_times(jobs: list[tuple[Path, str]], runs: int, env: dict[str, str],
-                 netns: bool) -> list[list[float]]:
+def import_times(
+    jobs: list[tuple[Path, str]], runs: int, env: dict[str, str], netns: bool
+) -> list[list[float]]:
     """Each statement in ``runs`` fresh interpreters, interleaved so drift hits all alike."""
+
     def once(python: Path, stmt: str) -> float:
         code = f"import time; t = time.perf_counter(); {stmt}; print(time.perf_counter() - t)"
         return float(run_child([str(python), "-c", code], env, netns).strip().splitlines()[-1])
@@ -123,7 +126,7 @@ def table(cycles: int, imports: int, netns: bool) -> str:
     fast = [s for s in base_start if s < SLOW_START] or base_start
     where = "in an empty network namespace (`--netns`), " if netns else ""
     lines = [
-        f"Medians of {cycles} cycles, `tunnel_mode=\"local\"`, one run {where}on the "
+        f'Medians of {cycles} cycles, `tunnel_mode="local"`, one run {where}on the '
         "2-core development machine (shared and noisy: read the ratios). Each side runs in its "
         "own venv and child process (`bench/_lifecycle_driver.py`) on a fixed port; the "
         "baseline is the real SDK from `.venv-sdk` (`scripts/sdk-venv`).",
@@ -132,8 +135,10 @@ def table(cycles: int, imports: int, netns: bool) -> str:
         "|---|---|---|",
         f"| {SDK_LABEL} | {ms(base_start)} | {ms(base_stop)} |",
     ]
-    for label, key in (("InProcessTaskApp serve_on=\"thread\"", "thread"),
-                       ("InProcessTaskApp serve_on=\"loop\"", "loop")):
+    for label, key in (
+        ('InProcessTaskApp serve_on="thread"', "thread"),
+        ('InProcessTaskApp serve_on="loop"', "loop"),
+    ):
         starts, stops = ours[key]["start"], ours[key]["stop"]
         lines.append(
             f"| {label} | {ms(starts)} ({ratio(starts, base_start)}) "
@@ -163,15 +168,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--cycles", type=int, default=20)
     parser.add_argument("--imports", type=int, default=10)
-    parser.add_argument("--netns", action="store_true",
-                        help="run both children in an empty network namespace (unshare -rn)")
+    parser.add_argument(
+        "--netns",
+        action="store_true",
+        help="run both children in an empty network namespace (unshare -rn)",
+    )
     parser.add_argument("--write-readme", action="store_true")
     args = parser.parse_args()
     if args.cycles < 1 or args.imports < 1:
         parser.error("--cycles and --imports must be >= 1")
     if not SDK_PYTHON.exists():
-        print(f"skipped: {SDK_PYTHON.relative_to(ROOT)} is missing; create it with "
-              "scripts/sdk-venv (installs synth-ai==0.9.11 apart from .venv)")
+        print(
+            f"skipped: {SDK_PYTHON.relative_to(ROOT)} is missing; create it with "
+            "scripts/sdk-venv (installs synth-ai==0.9.11 apart from .venv)"
+        )
         return
     text = table(args.cycles, args.imports, args.netns)
     print(text)

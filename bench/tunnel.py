@@ -245,6 +245,11 @@ def main() -> None:
         help="the relay's event loop (auto: uvloop when installed)",
     )
     parser.add_argument("--client", default="httpx", choices=["httpx", "raw"])
+    parser.add_argument(
+        "--json-bodies",
+        action="store_true",
+        help="our agent keeps to JSON body frames (as with a relay that does not agree)",
+    )
     parser.add_argument("--only-ours", action="store_true", help="skip the SDK's agent")
     args = parser.parse_args()
     if not SDK_PYTHON.exists() and not args.only_ours:
@@ -263,6 +268,8 @@ def main() -> None:
             PYTHONPATH=str(BENCH),
         )
         env.pop("BENCH_PROFILE", None)
+        if args.json_bodies:
+            env["BENCH_JSON_BODIES"] = "1"
         try:
             ours_env = dict(
                 env, **({"BENCH_PROFILE": args.profile_ours} if args.profile_ours else {})
