@@ -38,6 +38,7 @@ from taskapp_notebook import InProcessTaskApp
 from taskapp_notebook.relay import RelayConfig, RelayServer
 from taskapp_notebook.relay import endpoint as relay_endpoint
 from taskapp_notebook.relay import sessions as relay_sessions
+from taskapp_notebook.tunnels.synthtunnel.codec import TextFrame
 
 ROOT = Path(__file__).resolve().parent.parent
 #: ``TASKAPP_SDK_PYTHON`` points elsewhere (tests/test_sdk_oracle_required.py uses it).
@@ -66,6 +67,7 @@ def sdk_venv() -> None:
             pytrace=False,
         )
     pytest.skip("no .venv-sdk with synth-ai 0.9.11: run scripts/sdk-venv to check the wire")
+
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +118,9 @@ class FrameLog:
     frames: list[Frame] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def record(self, direction: str, message: str | bytes) -> None:
+    def record(self, direction: str, message: str | bytes | TextFrame) -> None:
+        if isinstance(message, TextFrame):  # a JSON text frame built as UTF-8 bytes
+            message = message.data.decode()
         try:
             doc = json.loads(message)
         except ValueError:
@@ -131,9 +135,7 @@ class FrameLog:
                 chunk = -1
             doc = {k: v for k, v in doc.items() if k != "chunk_b64"}
         with self.lock:
-            self.frames.append(
-                Frame(direction, str(doc.get("type")), len(message), doc, chunk)
-            )
+            self.frames.append(Frame(direction, str(doc.get("type")), len(message), doc, chunk))
 
     def of_rid(self, rid: str) -> list[Frame]:
         with self.lock:
@@ -154,16 +156,12 @@ def spy_on_frames(mp: pytest.MonkeyPatch, log: FrameLog) -> None:
             return _real(message, **options)
 
         mp.setattr(module, "parse_agent_frame", parse)
-    real_send = relay_sessions.AgentSession.send
 
-    async def send(self: relay_sessions.AgentSession, text: str | bytes) -> None:
-        log.record("out", text)
-        await real_send(self, text)
-
-    mp.setattr(relay_sessions.AgentSession, "send", send)
     real_send_many = relay_sessions.AgentSession.send_many
 
-    async def send_many(self: relay_sessions.AgentSession, messages: list[str | bytes]) -> None:
+    async def send_many(
+        self: relay_sessions.AgentSession, messages: list[str | bytes | TextFrame]
+    ) -> None:
         for message in messages:
             log.record("out", message)
         await real_send_many(self, messages)
@@ -298,9 +296,9 @@ def client() -> Iterator[httpx.Client]:
 
 def rid_of_last(frames: FrameLog, method: str, path: str) -> str:
     sent = frames.where(
-        lambda f: f.type == "REQ_HEADERS"
-        and f.doc.get("method") == method
-        and f.doc.get("path") == path
+        lambda f: (
+            f.type == "REQ_HEADERS" and f.doc.get("method") == method and f.doc.get("path") == path
+        )
     )
     assert sent, f"no REQ_HEADERS for {method} {path}"
     return str(sent[-1].doc["rid"])
@@ -403,8 +401,10 @@ def test_one_mib_body_both_ways(setup: Setup, client: httpx.Client) -> None:
         t0 = time.perf_counter()
         client.get(f"{setup.sdk.url}/health", headers=setup.sdk.auth).raise_for_status()
         times.append(time.perf_counter() - t0)
-    logger.info("GET /health via the SDK agent: median %.2f ms (50 requests)",
-                statistics.median(times) * 1000)
+    logger.info(
+        "GET /health via the SDK agent: median %.2f ms (50 requests)",
+        statistics.median(times) * 1000,
+    )
 
 
 def test_stopping_the_sdk_tunnel_deletes_its_lease(setup: Setup, client: httpx.Client) -> None:
@@ -431,8 +431,7 @@ def test_lease_expiry_with_the_sdk_agent_attached(tmp_path: Path, client: httpx.
     refuses its reconnects (410); the relay keeps serving and the driver still exits 0."""
     config = RelayConfig(default_ttl=2.0, max_ttl=2.0, sweep_interval=0.1)
     relay = RelayServer(api_keys=[KEY], config=config).start_in_thread()
-    app = InProcessTaskApp(app=make_app(), tunnel_mode="local", serve_on="thread",
-                           port=free_port())
+    app = InProcessTaskApp(app=make_app(), tunnel_mode="local", serve_on="thread", port=free_port())
     try:
         app.start()
         sdk = start_sdk_tunnel(relay, app.port, tmp_path / "home")

@@ -16,6 +16,7 @@ import os
 import pytest
 
 from taskapp_notebook.tunnels.synthtunnel.codec import (
+    TextFrame,
     chunks,
     encode,
     encode_body,
@@ -44,6 +45,13 @@ from taskapp_notebook.tunnels.synthtunnel.protocol import (
     Unknown,
     binary_agreed,
 )
+
+
+def text_of(message: object) -> str:
+    """The JSON text of an encoded body frame (``TextFrame``: UTF-8 bytes, sent as text)."""
+    assert isinstance(message, TextFrame), message
+    return message.data.decode("utf-8")
+
 
 ODD = 'odd "id" \\ é\n'
 
@@ -103,8 +111,12 @@ def test_body_frames_equal_json_dumps_of_the_spec_fields() -> None:
             assert encode(RespBody(lease_id, rid, piece)) == json.dumps(
                 expected, separators=(",", ":")
             )
+            body_frame = encode_body(RespBody(lease_id, rid, piece), binary=False)
+            assert text_of(body_frame) == json.dumps(expected, separators=(",", ":"))
             expected = {"type": "REQ_BODY", "rid": rid, "chunk_b64": b64}
             assert encode(ReqBody(rid, piece)) == json.dumps(expected, separators=(",", ":"))
+            body_frame = encode_body(ReqBody(rid, piece), binary=False)
+            assert text_of(body_frame) == json.dumps(expected, separators=(",", ":"))
 
 
 @pytest.mark.parametrize("bad", ["QQ=", "QQ==QQ==", "QU JD", "QUJD\n", "é", "=QQ=", "QQ===", 7])
@@ -223,9 +235,9 @@ def test_binary_body_frames_round_trip_only_when_agreed() -> None:
     assert isinstance(req_msg, bytes) and req_msg[:2] == bytes([1, 5])
     assert parse_relay_frame(req_msg, binary=True) == req
     assert parse_agent_frame(resp_msg, binary=True) == resp
-    assert encode_body(req, binary=False) == encode(req)  # not agreed: JSON text
+    assert text_of(encode_body(req, binary=False)) == encode(req)  # not agreed: JSON text
     long_rid = ReqBody("r" * 300, b"x")  # a rid past one length byte: JSON text
-    assert encode_body(long_rid, binary=True) == encode(long_rid)
+    assert text_of(encode_body(long_rid, binary=True)) == encode(long_rid)
     for message, parse in ((req_msg, parse_agent_frame), (resp_msg, parse_relay_frame)):
         with pytest.raises(FrameError, match="not an agreed body frame"):
             parse(message, binary=True)  # type: ignore[operator]

@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from ..tunnels.synthtunnel.batching import send_frames
-from ..tunnels.synthtunnel.codec import parse_agent_frame
+from ..tunnels.synthtunnel.codec import TextFrame, parse_agent_frame
 from ..tunnels.synthtunnel.protocol import (
     Attach,
     FrameError,
@@ -147,14 +147,11 @@ class AgentSession:
     def usable(self) -> bool:
         return not self.closing and self.conn.state is State.OPEN
 
-    async def send(self, text: str | bytes) -> None:
+    async def send(self, text: str | bytes | TextFrame) -> None:
         """Send one frame; raises AgentGoneError when the socket is closed."""
-        try:
-            await self.conn.send(text)
-        except ConnectionClosed as exc:
-            raise AgentGoneError(str(exc)) from None
+        await self.send_many([text])
 
-    async def send_many(self, messages: list[str | bytes]) -> None:
+    async def send_many(self, messages: list[str | bytes | TextFrame]) -> None:
         """Send frames back to back (one write when small); AgentGoneError when closed."""
         try:
             await send_frames(self.conn, messages)

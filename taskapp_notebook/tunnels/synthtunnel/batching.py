@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 from websockets.asyncio.connection import Connection
 
+from .codec import TextFrame
+
 #: Bursts up to this size are joined into one write (larger ones are written as they are:
 #: joining would copy body bytes for nothing).
 COALESCE_LIMIT = 64 * 1024
@@ -36,8 +38,9 @@ def write_coalesced(conn: Connection) -> None:
             conn.transport.close()
 
 
-async def send_frames(conn: Connection, messages: Sequence[str | bytes]) -> None:
-    """Send ``messages`` (text or binary frames) back to back, in one write when small.
+async def send_frames(conn: Connection, messages: Sequence[str | bytes | TextFrame]) -> None:
+    """Send ``messages`` back to back, in one write when small: ``str`` and
+    :class:`~.codec.TextFrame` as text frames, ``bytes`` as binary frames.
 
     websockets' documented pattern for user code (``send_context`` + ``protocol.send_*``);
     raises ``ConnectionClosed`` like ``send``.
@@ -46,5 +49,7 @@ async def send_frames(conn: Connection, messages: Sequence[str | bytes]) -> None
         for message in messages:
             if isinstance(message, str):
                 conn.protocol.send_text(message.encode())
+            elif isinstance(message, TextFrame):
+                conn.protocol.send_text(message.data)
             else:
                 conn.protocol.send_binary(message)

@@ -45,7 +45,7 @@ from urllib.parse import quote
 
 from websockets.exceptions import ConnectionClosed
 
-from .codec import chunks, encode, encode_body
+from .codec import TextFrame, chunks, encode, encode_body
 from .headers import agent_request_headers, header_bytes
 from .local_http import LocalHTTP, LocalHTTPError
 from .protocol import (
@@ -64,7 +64,7 @@ from .protocol import (
 logger = logging.getLogger(__name__)
 
 #: Sends encoded frames (JSON text, or binary body frames) back to back.
-Send = Callable[[Sequence[str | bytes]], Awaitable[None]]
+Send = Callable[[Sequence[str | bytes | TextFrame]], Awaitable[None]]
 
 #: Characters kept as they are when re-quoting a request target with unsafe characters.
 _TARGET_SAFE = "".join(sorted(set(string.printable) - set(string.whitespace) - {"#"}))
@@ -280,7 +280,7 @@ class ForwardedRequest:
                             max_response_bytes is None or len(small) <= max_response_bytes
                         ):
                             # Already here: headers, body and end in one write.
-                            frames: list[str | bytes] = [head]
+                            frames: list[str | bytes | TextFrame] = [head]
                             for piece in chunks(small):
                                 frame = RespBody(self.lease_id, self.rid, piece)
                                 frames.append(encode_body(frame, binary=binary))
