@@ -190,10 +190,15 @@ async def measure(paths: list[Path_], rounds: int, requests: int) -> None:
             await in_flight(p, 64)
             await echo(p, one, 1)
         for r in range(rounds):
+            # Metric by metric, path after path: the paths compared are measured seconds
+            # apart, under the same load.
             for p in paths:
                 p.add("latency_ms", await sequential(p, requests))
+            for p in paths:
                 p.add("rps", await in_flight(p, requests * 2))
+            for p in paths:
                 p.add("echo1_ms", await echo(p, one, 5))
+            for p in paths:
                 p.add("echo8_ms", await echo(p, eight, 3))
             print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
     finally:
