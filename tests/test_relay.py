@@ -455,6 +455,7 @@ async def _malformed_frames(relay: RelayServer, client: httpx.AsyncClient, app_u
             '{"type": "RESP_BODY", "chunk_b64": "AA=="}',
             '{"type": "RESP_END"}',
             '{"type": "RESP_HEADERS", "rid": "nope", "status": 200, "headers": []}',
+            "[" * 100_000 + "]" * 100_000,  # nested past the parser's recursion limit
         ]:
             await bad.send(garbage)
         await bad.send(b"\x00\xff binary")

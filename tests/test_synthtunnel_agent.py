@@ -663,6 +663,7 @@ async def test_bad_frames_are_skipped_or_answered_with_bad_request_frame(
 ) -> None:
     conn = only_conn(relay)
     await conn.send("not json")
+    await conn.send("[" * 100_000 + "]" * 100_000)  # nested past the recursion limit
     await conn.send(b"\x00binary")
     await conn.send({"type": "SOMETHING_NEW", "rid": "x"})
     await conn.send({"type": "REQ_HEADERS", "rid": "no-lease", "method": "GET", "path": "/"})
