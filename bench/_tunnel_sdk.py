@@ -1,7 +1,8 @@
 """Child of ``bench/tunnel.py``: the same echo app behind synth-ai 0.9.11's compiled agent.
 
 Runs under ``.venv-sdk/bin/python`` (``scripts/sdk-venv``). uvicorn serves the echo app of
-``bench/_common.py`` in a thread, on a socket created with ``IPPROTO_TCP`` (else asyncio
+``bench/_common.py`` in a thread (with httptools, as our servers: ``scripts/sdk-venv``
+installs it), on a socket created with ``IPPROTO_TCP`` (else asyncio
 leaves Nagle on for accepted connections: docs/synthtunnel-protocol.md, transport facts);
 the SDK's own code path then opens the tunnel (``TunneledContainer.create``, lease POSTed by
 its client, Rust agent from ``synth_ai_py``). Prints ``{"url", "worker_token",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 from collections.abc import Generator
@@ -125,20 +126,45 @@ class _CoalescedWrites:
 
 
 class CoalescingH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol writing each response in as few ``send`` calls as it can
-    (``ServerHandle``'s default: the task app and the relay). A WebSocket upgrade gets the
-    real transport."""
+    """uvicorn's h11 protocol writing each response in as few ``send`` calls as it can. A
+    WebSocket upgrade gets the real transport."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.transport = _CoalescedWrites(transport)  # type: ignore[assignment]
 
     def handle_websocket_upgrade(self, event: Any) -> None:
-        held = self.transport
-        if isinstance(held, _CoalescedWrites):
-            held.flush()
-            self.transport = held._transport
+        _unwrap(self)
         super().handle_websocket_upgrade(event)
+
+
+def _unwrap(protocol: Any) -> None:
+    held = protocol.transport
+    if isinstance(held, _CoalescedWrites):
+        held.flush()
+        protocol.transport = held._transport
+
+
+@functools.cache
+def http_protocol() -> type[asyncio.Protocol]:
+    """The HTTP protocol every server of ours runs: uvicorn's httptools one (a C parser,
+    when ``httptools`` is installed, as with ``uvicorn[standard]``) or its h11 one, each
+    writing a response in one ``send``."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return CoalescingH11Protocol
+
+    class CoalescingHttpToolsProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.transport = _CoalescedWrites(transport)  # type: ignore[assignment]
+
+        def handle_websocket_upgrade(self) -> None:
+            _unwrap(self)
+            super().handle_websocket_upgrade()
+
+    return CoalescingHttpToolsProtocol
 
 
 class ServerHandle:
@@ -164,7 +190,7 @@ class ServerHandle:
             "log_config": None,
             "access_log": False,
             "lifespan": "auto",
-            "http": CoalescingH11Protocol,
+            "http": http_protocol(),
             "timeout_graceful_shutdown": int(graceful_timeout) or 1,
             **options,
         }

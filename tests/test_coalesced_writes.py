@@ -1,5 +1,5 @@
-"""``server.CoalescingH11Protocol`` (the relay's HTTP protocol): a response goes out in one
-``send`` instead of uvicorn's two to four, and bodies of every shape arrive intact. Real
+"""``server.http_protocol()`` (every server of ours): a response goes out in one ``send``
+instead of uvicorn's two to four, and bodies of every shape arrive intact. Real
 uvicorn on 127.0.0.1; the write count is read from asyncio's socket transport."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from taskapp_notebook.server import CoalescingH11Protocol, ServerHandle
+from taskapp_notebook.server import CoalescingH11Protocol, ServerHandle, http_protocol
 
 BIG = os.urandom(1024 * 1024)
 
@@ -72,11 +72,17 @@ async def writes_per_response(http: Any, monkeypatch: pytest.MonkeyPatch) -> lis
     return writes
 
 
+@pytest.mark.parametrize("parser", ["h11", "httptools"])
 async def test_one_send_per_small_response_and_bodies_intact(
-    monkeypatch: pytest.MonkeyPatch,
+    parser: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    plain = await writes_per_response("h11", monkeypatch)
-    coalesced = await writes_per_response(CoalescingH11Protocol, monkeypatch)
+    """For both of uvicorn's parsers (``http_protocol()`` picks httptools when installed)."""
+    if parser == "httptools":
+        pytest.importorskip("httptools", reason="httptools is a dependency; missing here")
+    coalescing = CoalescingH11Protocol if parser == "h11" else http_protocol()
+    assert parser != "httptools" or "HttpTools" in coalescing.__name__
+    plain = await writes_per_response(parser, monkeypatch)
+    coalesced = await writes_per_response(coalescing, monkeypatch)
     assert min(plain[:3]) >= 2, plain  # uvicorn: head, then body (then end)
     assert coalesced[:3] == [1, 1, 1], coalesced
     assert coalesced[3] <= plain[3]  # 1 MiB: the body is written as it is, not held
