@@ -25,9 +25,9 @@ from taskapp_notebook.ports import pick_free_port
 
 async def main() -> None:
     if os.environ.get("BENCH_JSON_BODIES") == "1":
-        from taskapp_notebook.tunnels.synthtunnel import agent
+        from taskapp_notebook.tunnels.synthtunnel import attach
 
-        agent.OFFER_BINARY_BODIES = False
+        attach.OFFER_BINARY_BODIES = False
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     threading.Thread(

@@ -19,7 +19,7 @@ every exception class in the package is drawn here, under its real parent)::
     │       ├── LeaseRequestError                      the lease API answered an error status
     │       │                                          (tunnels.synthtunnel.lease_client)
     │       └── LeaseRejectedError                     the relay refused the agent token
-    │                                                  (tunnels.synthtunnel.agent)
+    │                                                  (tunnels.synthtunnel.attach)
     └── JobError                  (RuntimeError)       a job refused or unreadable (jobs)
         └── JobTimeoutError       (TimeoutError)       no terminal status in time (jobs)
 

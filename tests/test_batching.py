@@ -9,7 +9,7 @@ from typing import Any
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
-from taskapp_notebook.tunnels.synthtunnel.agent import AgentClientConnection
+from taskapp_notebook.tunnels.synthtunnel.attach import AgentClientConnection
 from taskapp_notebook.tunnels.synthtunnel.batching import COALESCE_LIMIT, send_frames
 
 

@@ -1226,7 +1226,7 @@ def test_body_bounds_are_validated() -> None:
 def test_reconnect_backoff_starts_under_a_second_and_is_spread() -> None:
     from itertools import islice
 
-    from taskapp_notebook.tunnels.synthtunnel.agent import backoff
+    from taskapp_notebook.tunnels.synthtunnel.attach import backoff
 
     runs = [list(islice(backoff(), 8)) for _ in range(50)]
     assert all(run[0] <= 1.0 for run in runs)  # first retry within a second

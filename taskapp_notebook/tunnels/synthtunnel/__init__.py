@@ -7,7 +7,8 @@ Spec: ``docs/synthtunnel-protocol.md``. Modules, one concept each:
 - :mod:`.headers` — the header rules of both ends;
 - :mod:`.batching` — several frames in one TCP write on a websockets connection;
 - :mod:`.lease_client` — the lease API client (create, renew, delete);
-- :mod:`.agent` — one lease's WebSocket to the relay (ATTACH, receive loop, reconnects);
+- :mod:`.attach` — opening the agent's WebSocket (ATTACH, ATTACH_ACK) and reconnect delays;
+- :mod:`.agent` — one lease's WebSocket to the relay (receive loop, reconnects, limits);
 - :mod:`.forward` — one request forwarded to the local app, with bounded body buffers;
 - :mod:`.local_http` — the HTTP/1.1 keep-alive client the agent calls the app with;
 - :mod:`.tunnel` — :class:`SynthTunnel`, the backend (lease renewal, open/close).
