@@ -36,7 +36,7 @@ Internal: raised and handled inside the package, never seen by a user::
     LocalHTTPError                (OSError)            the agent could not reach the app,
                                                        or it broke the exchange: answered
                                                        with a RESP_ERROR
-                                                       (tunnels.synthtunnel.local_http)
+                                                       (tunnels.synthtunnel.http_connection)
     HelpRequested                 (Exception)          ``%taskapp -h``: print the help
                                                        (notebook.options)
 

@@ -10,7 +10,8 @@ Spec: ``docs/synthtunnel-protocol.md``. Modules, one concept each:
 - :mod:`.attach` — opening the agent's WebSocket (ATTACH, ATTACH_ACK) and reconnect delays;
 - :mod:`.agent` — one lease's WebSocket to the relay (receive loop, reconnects, limits);
 - :mod:`.forward` — one request forwarded to the local app, with bounded body buffers;
-- :mod:`.local_http` — the HTTP/1.1 keep-alive client the agent calls the app with;
+- :mod:`.local_http` — the HTTP/1.1 keep-alive client the agent calls the app with
+  (:mod:`.http_connection`: one of its connections);
 - :mod:`.tunnel` — :class:`SynthTunnel`, the backend (lease renewal, open/close).
 
 Importing this package imports none of them (``SynthTunnel`` is loaded on first use).

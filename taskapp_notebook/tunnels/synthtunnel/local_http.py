@@ -21,140 +21,24 @@ is sent once more on a new connection: it never reached the app.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from .http_connection import READ_BUFFER, Connection, LocalHTTPError
+
+__all__ = ["READ_BUFFER", "LocalHTTP", "LocalHTTPError", "Response"]
+
 #: Idle keep-alive connections older than this are closed instead of reused.
 IDLE_TIMEOUT = 2.0
 #: Idle connections kept per app.
 MAX_IDLE = 32
-#: Response bytes read ahead of the agent before reading pauses.
-READ_BUFFER = 1024 * 1024
 #: Largest response head (status line + headers).
 MAX_HEAD = 64 * 1024
 CONNECT_TIMEOUT = 10.0
 
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
-
-
-class LocalHTTPError(OSError):
-    """The app could not be reached or broke the exchange; ``response_started`` is True
-    once any byte of the response had arrived."""
-
-    def __init__(self, message: str, *, response_started: bool = False) -> None:
-        super().__init__(message)
-        self.response_started = response_started
-
-
-class _Connection(asyncio.Protocol):
-    """One TCP connection to the app, parsing one response at a time."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.chunks: collections.deque[bytes] = collections.deque()
-        self.buffered = 0
-        self.received = 0  # response bytes seen for the current request
-        self.closed = False
-        self.error: str | None = None
-        self.paused = False
-        self.idle_since = 0.0
-        self.reused = False
-        self._wake: asyncio.Future[None] | None = None
-        self._drained: asyncio.Future[None] | None = None
-        self._write_paused = False
-
-    # -- asyncio.Protocol ----------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.received += len(data)
-        self.buffer += data
-        self.buffered += len(data)
-        if self.buffered > READ_BUFFER and not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
-        self._notify()
-
-    def eof_received(self) -> bool | None:
-        self.closed = True
-        self._notify()
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if exc is not None:
-            self.error = f"{type(exc).__name__}: {exc}"
-        self._notify()
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
-
-    # -- used by the client --------------------------------------------------------------
-
-    def _notify(self) -> None:
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
-
-    async def wait_data(self) -> None:
-        """Wait until more bytes (or EOF) arrive."""
-        if self.closed:
-            raise LocalHTTPError(
-                f"the app closed the connection ({self.error or 'EOF'})",
-                response_started=self.received > 0,
-            )
-        self._wake = asyncio.get_running_loop().create_future()
-        try:
-            await self._wake
-        finally:
-            self._wake = None
-
-    def take(self, size: int | None = None) -> bytes:
-        """Up to ``size`` buffered bytes (all when None); resumes reading when drained."""
-        if size is None or size >= len(self.buffer):
-            data = bytes(self.buffer)
-            self.buffer.clear()
-        else:
-            data = bytes(memoryview(self.buffer)[:size])  # one copy, not two
-            del self.buffer[:size]
-        self.buffered = len(self.buffer)
-        if self.paused and self.buffered <= READ_BUFFER // 2 and self.transport is not None:
-            self.paused = False
-            self.transport.resume_reading()
-        return data
-
-    def begin(self) -> None:
-        """A new request on this connection: count its response bytes from zero."""
-        self.received = 0
-
-    async def write(self, data: bytes) -> None:
-        if self.closed or self.transport is None:
-            raise LocalHTTPError("the app closed the connection while the request was sent")
-        self.transport.write(data)
-        if self._write_paused:
-            self._drained = asyncio.get_running_loop().create_future()
-            try:
-                await self._drained
-            finally:
-                self._drained = None
-
-    def abort(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
 
 
 class Response:
@@ -163,7 +47,7 @@ class Response:
     def __init__(
         self,
         client: LocalHTTP,
-        conn: _Connection,
+        conn: Connection,
         head: _Head,
         *,
         reusable: bool,
@@ -264,22 +148,22 @@ class LocalHTTP:
             if ":" not in host
             else (f"[{host}]:{port}".encode("ascii"))
         )
-        self._idle: list[_Connection] = []
-        self._open: set[_Connection] = set()
+        self._idle: list[Connection] = []
+        self._open: set[Connection] = set()
         #: Requests sent a second time after a reused connection closed under them.
         self.retries = 0
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                _, conn = await loop.create_connection(_Connection, self.host, self.port)
+                _, conn = await loop.create_connection(Connection, self.host, self.port)
         except (OSError, TimeoutError) as exc:
             raise LocalHTTPError(f"cannot connect to {self.host}:{self.port}: {exc!r}") from None
         self._open.add(conn)
         return conn
 
-    async def _acquire(self) -> _Connection:
+    async def _acquire(self) -> Connection:
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
@@ -292,13 +176,13 @@ class LocalHTTP:
         conn.reused = False
         return conn
 
-    def _release(self, conn: _Connection) -> None:
+    def _release(self, conn: Connection) -> None:
         conn.idle_since = time.monotonic()
         if len(self._idle) >= MAX_IDLE:
             self._discard(self._idle.pop(0))
         self._idle.append(conn)
 
-    def _discard(self, conn: _Connection) -> None:
+    def _discard(self, conn: Connection) -> None:
         conn.abort()
         self._open.discard(conn)
 
@@ -374,7 +258,7 @@ class LocalHTTP:
             raise
 
     async def _send_chunked(
-        self, conn: _Connection, body: AsyncIterator[bytes | memoryview]
+        self, conn: Connection, body: AsyncIterator[bytes | memoryview]
     ) -> None:
         async for chunk in body:
             if chunk:
@@ -382,7 +266,7 @@ class LocalHTTP:
         await conn.write(b"0\r\n\r\n")
 
     async def _response(
-        self, conn: _Connection, method: str, sender: asyncio.Task[None] | None = None
+        self, conn: Connection, method: str, sender: asyncio.Task[None] | None = None
     ) -> Response:
         while True:
             end = conn.buffer.find(b"\r\n\r\n")
