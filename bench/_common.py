@@ -28,7 +28,8 @@ write_readme_table = write_table
 
 
 def echo_app() -> Any:
-    """A task app with ``GET /health`` and ``POST /echo`` (the body, back as it came)."""
+    """A task app with ``GET /health``, ``POST /echo`` (the body, back as it came),
+    ``GET /bytes?n=`` (n bytes) and ``POST /sink`` (reads the body, answers its size)."""
     app = FastAPI()
 
     @app.get("/health")
@@ -38,5 +39,13 @@ def echo_app() -> Any:
     @app.post("/echo")
     async def echo(request: Request) -> Response:
         return Response(await request.body(), media_type="application/octet-stream")
+
+    @app.get("/bytes")
+    async def nbytes(n: int = 0) -> Response:
+        return Response(b"z" * n, media_type="application/octet-stream")
+
+    @app.post("/sink")
+    async def sink(request: Request) -> dict[str, int]:
+        return {"received": len(await request.body())}
 
     return app

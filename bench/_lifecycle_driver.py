@@ -83,8 +83,9 @@ def sdk_variants(app: Any) -> dict[str, AsyncCycle | SyncCycle]:
         # tunnel_mode="local": the SDK's no-tunnel branch (no backend, no key, no network).
         # api_key given, so it never reads ~/.synth-ai or mints a key. Driven exactly as
         # ``async with InProcessContainer(...)`` does: __aenter__ then __aexit__.
-        container = InProcessContainer(app=app, port=port, host=HOST, tunnel_mode="local",
-                                       api_key=API_KEY)
+        container = InProcessContainer(
+            app=app, port=port, host=HOST, tunnel_mode="local", api_key=API_KEY
+        )
         t0 = time.perf_counter()
         await container.__aenter__()
         start = time.perf_counter() - t0
@@ -102,8 +103,9 @@ def ours_variants(app: Any) -> dict[str, AsyncCycle | SyncCycle]:
 
     def thread_cycle(port: int) -> tuple[float, float]:
         # serve_on="thread" with the sync API, called from plain sync code (no running loop).
-        ta = InProcessTaskApp(app=app, tunnel_mode="local", port=port, host=HOST,
-                              serve_on="thread", api_key=API_KEY)
+        ta = InProcessTaskApp(
+            app=app, tunnel_mode="local", port=port, host=HOST, serve_on="thread", api_key=API_KEY
+        )
         t0 = time.perf_counter()
         ta.start()
         start = time.perf_counter() - t0
@@ -114,8 +116,9 @@ def ours_variants(app: Any) -> dict[str, AsyncCycle | SyncCycle]:
         return start, wait_port_free(port, t0)
 
     async def loop_cycle(port: int) -> tuple[float, float]:
-        ta = InProcessTaskApp(app=app, tunnel_mode="local", port=port, host=HOST,
-                              serve_on="loop", api_key=API_KEY)
+        ta = InProcessTaskApp(
+            app=app, tunnel_mode="local", port=port, host=HOST, serve_on="loop", api_key=API_KEY
+        )
         t0 = time.perf_counter()
         await ta.astart()
         start = time.perf_counter() - t0
@@ -144,8 +147,11 @@ def run(impl: str, cycles: int, warmup: int) -> dict[str, Any]:
         else:
             results = [cycle(port) for _ in range(warmup + cycles)]
         results = results[warmup:]  # warm-up cycles (imports, code paths) are not counted
-        out[label] = {"port": port, "start": [r[0] for r in results],
-                      "stop": [r[1] for r in results]}
+        out[label] = {
+            "port": port,
+            "start": [r[0] for r in results],
+            "stop": [r[1] for r in results],
+        }
     return out
 
 
@@ -156,14 +162,16 @@ async def sanity(impl: str) -> None:
     if impl == "sdk":
         from synth_ai import InProcessContainer
 
-        async with InProcessContainer(app=app, port=port, host=HOST, tunnel_mode="local",
-                                      api_key=API_KEY) as container:
+        async with InProcessContainer(
+            app=app, port=port, host=HOST, tunnel_mode="local", api_key=API_KEY
+        ) as container:
             await asyncio.to_thread(check_health, container.url)
     else:
         from taskapp_notebook import InProcessTaskApp
 
-        async with InProcessTaskApp(app=app, tunnel_mode="local", port=port, host=HOST,
-                                    serve_on="loop", api_key=API_KEY) as ta:
+        async with InProcessTaskApp(
+            app=app, tunnel_mode="local", port=port, host=HOST, serve_on="loop", api_key=API_KEY
+        ) as ta:
             assert ta.url is not None
             await asyncio.to_thread(check_health, ta.url)
     wait_port_free(port, time.perf_counter())

@@ -90,8 +90,13 @@ def _send_with_cell_id(client: Any) -> None:
     """Make ``client.execute`` put a fixed ``cellId`` in the metadata, as JupyterLab does."""
     original = client.session.msg
 
-    def msg(msg_type: str, content: Any = None, parent: Any = None, header: Any = None,
-            metadata: Any = None) -> Any:
+    def msg(
+        msg_type: str,
+        content: Any = None,
+        parent: Any = None,
+        header: Any = None,
+        metadata: Any = None,
+    ) -> Any:
         if msg_type == "execute_request":
             metadata = {**(metadata or {}), "cellId": "bench-cell"}
         return original(msg_type, content, parent, header, metadata)
@@ -108,19 +113,21 @@ def table(runs: int) -> str:
     builtin = load_ext_times("autoreload", runs)
     plain, magic = cell_times(runs)
     added = [m - p for m, p in zip(sorted(magic), sorted(plain), strict=True)]
-    return "\n".join([
-        f"Medians of {runs} runs; the cell timings are round trips through a real kernel "
-        "(execute_request → reply), re-running one cell id as JupyterLab does.",
-        "",
-        "| what | time |",
-        "|---|---|",
-        f"| `%load_ext taskapp_notebook` (fresh kernel) | {ms(ours)} |",
-        f"| `%load_ext autoreload` (IPython built-in, baseline) | {ms(builtin)} |",
-        f"| cell defining a FastAPI app, no magic (baseline) | {ms(plain)} |",
-        f"| same cell under `%%taskapp --tunnel local` (re-run: stop old, start new, healthy) "
-        f"| {ms(magic)} |",
-        f"| → what the magic adds | {ms(added)} |",
-    ])
+    return "\n".join(
+        [
+            f"Medians of {runs} runs; the cell timings are round trips through a real kernel "
+            "(execute_request → reply), re-running one cell id as JupyterLab does.",
+            "",
+            "| what | time |",
+            "|---|---|",
+            f"| `%load_ext taskapp_notebook` (fresh kernel) | {ms(ours)} |",
+            f"| `%load_ext autoreload` (IPython built-in, baseline) | {ms(builtin)} |",
+            f"| cell defining a FastAPI app, no magic (baseline) | {ms(plain)} |",
+            f"| same cell under `%%taskapp --tunnel local` (re-run: stop old, start new, healthy) "
+            f"| {ms(magic)} |",
+            f"| → what the magic adds | {ms(added)} |",
+        ]
+    )
 
 
 def main() -> None:

@@ -1,26 +1,54 @@
-"""Errors raised by taskapp_notebook.
+"""Errors raised by taskapp_notebook: every exception class the package defines, drawn once.
 
 The tree keeps the seed's contract (ValueError / FileNotFoundError / RuntimeError) by
-subclassing those built-ins, so ``except RuntimeError`` in user code keeps working::
+subclassing those built-ins, so ``except RuntimeError`` in user code keeps working.
+Classes defined outside this module name their module (``tests/test_errors.py`` checks that
+every exception class in the package is drawn here, under its real parent)::
 
     TaskAppError
     ├── InvalidParameterError     (ValueError)         bad argument to InProcessTaskApp
     ├── TaskAppNotFoundError      (FileNotFoundError)  task_app_path does not exist
     ├── TaskAppLoadError          (ValueError)         a module that defines no app/config
-    └── StartError                (RuntimeError)       the app could not be started
-        ├── PortInUseError                             port busy and not freed
-        ├── ServerStartError                           uvicorn/lifespan failed
-        ├── HealthCheckError                           /health never answered 200
-        ├── ModeNotAvailableError                      tunnel mode not implemented here
-        └── TunnelError                                a tunnel could not be opened
-            └── TunnelVerificationError                the tunnel does not reach the app
+    ├── StartError                (RuntimeError)       the app could not be started
+    │   ├── PortInUseError                             port busy and not freed
+    │   ├── ServerStartError                           uvicorn/lifespan failed
+    │   ├── HealthCheckError                           /health never answered 200
+    │   ├── ModeNotAvailableError                      tunnel mode not implemented here
+    │   └── TunnelError                                a tunnel could not be opened
+    │       ├── TunnelVerificationError                the tunnel does not reach the app
+    │       ├── LeaseRequestError                      the lease API answered an error status
+    │       │                                          (tunnels.synthtunnel.lease_client)
+    │       └── LeaseRejectedError                     the relay refused the agent token
+    │                                                  (tunnels.synthtunnel.attach)
+    └── JobError                  (RuntimeError)       a job refused or unreadable (jobs)
+        └── JobTimeoutError       (TimeoutError)       no terminal status in time (jobs)
+
+Internal: raised and handled inside the package, never seen by a user::
+
+    FrameError                    (ValueError)         a message that is not a usable
+                                                       SynthTunnel frame: skipped, or its
+                                                       request answered with an error
+                                                       (tunnels.synthtunnel.protocol)
+    InvalidLeaseRequestError      (ValueError)         a lease POST body the relay cannot
+                                                       honour → 400 (relay.state)
+    AgentGoneError                (Exception)          sending to an agent whose WebSocket
+                                                       closed (relay.sessions)
+    LocalHTTPError                (OSError)            the agent could not reach the app,
+                                                       or it broke the exchange: answered
+                                                       with a RESP_ERROR
+                                                       (tunnels.synthtunnel.http_connection)
+    HelpRequested                 (Exception)          ``%taskapp -h``: print the help
+                                                       (notebook.options)
 
 Messages say what failed, why, and what to do, with user values in ``!r``.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Sequence
+from typing import Any
 
 
 class TaskAppError(Exception):
@@ -98,3 +126,27 @@ def scrub_secrets(text: str, secrets: Sequence[str | None]) -> str:
         if secret and len(secret) >= 4:
             text = text.replace(secret, mask_secret(secret))
     return text
+
+
+_CREDENTIAL_HEADER = re.compile(
+    r"(?i)((?:authorization|x-api-keys?|x-synthtunnel-worker-token)\s*[:=]\s*(?:bearer\s+)?)"
+    r"([^\s,'\"]+)"
+)
+
+
+class RedactingLogger(logging.LoggerAdapter[logging.Logger]):
+    """A logger for a library (websockets logs handshake headers at DEBUG) whose lines are
+    scrubbed: credential header values (``Authorization``, ``X-API-Key(s)``, the worker-token
+    header) and the given ``secrets`` are masked before the record is made."""
+
+    def __init__(self, logger: logging.Logger, secrets: Sequence[str | None] = ()) -> None:
+        super().__init__(logger, {})
+        self.secrets = secrets
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if not self.isEnabledFor(level):
+            return
+        text = str(msg) % args if args else str(msg)
+        text = _CREDENTIAL_HEADER.sub(lambda m: m.group(1) + mask_secret(m.group(2)), text)
+        kwargs.setdefault("stacklevel", 2)
+        self.logger.log(level, "%s", scrub_secrets(text, self.secrets), **kwargs)

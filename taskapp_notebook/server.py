@@ -1,7 +1,9 @@
 """uvicorn on a socket we bound, with fast start/stop and no signal capture.
 
 ``ServerHandle`` runs ``uvicorn.Server.serve`` as a task on the *current* event loop (the
-kernel's loop, or the loop of the runner's own thread). Facts this relies on
+kernel's loop, or the loop of a :class:`~taskapp_notebook.loops.LoopThread`). Every server
+of the package runs on it — the task app and the SynthTunnel relay — and this module is the
+only one that overrides uvicorn internals. Facts this relies on
 (kernel-facts.md): uvicorn must not capture signals inside a kernel, a failed lifespan calls
 ``sys.exit`` inside uvicorn, and uvicorn's own main loop and shutdown poll every 100 ms —
 we replace both with event-driven versions so start and stop take milliseconds.
@@ -11,15 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 from collections.abc import Generator
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .errors import ServerStartError
-from .stats import InstrumentedApp
 
 logger = logging.getLogger(__name__)
 
@@ -69,28 +72,129 @@ class _Server(uvicorn.Server):
             await self.lifespan.shutdown()
 
 
+class _CoalescedWrites:
+    """A transport whose small writes within one loop iteration go out as one ``send``.
+
+    uvicorn's h11 protocol writes a response in two to four pieces (head, body, chunk end);
+    each is a syscall and, on loopback, a wake-up of the reader. Writes are held until the
+    end of the current loop iteration (``call_soon``) and joined; a large write (a body
+    chunk) flushes what is held and goes out as it is, so bodies are not copied. Everything
+    else is the real transport's.
+    """
+
+    LIMIT = 64 * 1024
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._held: list[bytes] = []
+        self._size = 0
+        self._loop = asyncio.get_running_loop()
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._size + len(data) > self.LIMIT:
+            self.flush()
+            self._transport.write(data)
+            return
+        if not self._held:
+            self._loop.call_soon(self.flush)
+        self._held.append(data)
+        self._size += len(data)
+
+    def flush(self) -> None:
+        if self._held:
+            data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+            self._held.clear()
+            self._size = 0
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self._size + self._transport.get_write_buffer_size()
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class CoalescingH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol writing each response in as few ``send`` calls as it can. A
+    WebSocket upgrade gets the real transport."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.transport = _CoalescedWrites(transport)  # type: ignore[assignment]
+
+    def handle_websocket_upgrade(self, event: Any) -> None:
+        _unwrap(self)
+        super().handle_websocket_upgrade(event)
+
+
+def _unwrap(protocol: Any) -> None:
+    held = protocol.transport
+    if isinstance(held, _CoalescedWrites):
+        held.flush()
+        protocol.transport = held._transport
+
+
+@functools.cache
+def http_protocol() -> type[asyncio.Protocol]:
+    """The HTTP protocol every server of ours runs: uvicorn's httptools one (a C parser,
+    when ``httptools`` is installed, as with ``uvicorn[standard]``) or its h11 one, each
+    writing a response in one ``send``."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return CoalescingH11Protocol
+
+    class CoalescingHttpToolsProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.transport = _CoalescedWrites(transport)  # type: ignore[assignment]
+
+        def handle_websocket_upgrade(self) -> None:
+            _unwrap(self)
+            super().handle_websocket_upgrade()
+
+    return CoalescingHttpToolsProtocol
+
+
 class ServerHandle:
-    """One uvicorn server on a pre-bound socket, as a task on the running loop."""
+    """One uvicorn server on a pre-bound socket, as a task on the running loop.
+
+    ``options`` go to ``uvicorn.Config`` (the relay sets ``http``, ``ws``, ``lifespan``...).
+    An ``app`` with a ``lifespan_error`` attribute (``stats.InstrumentedApp``) has it quoted
+    when its lifespan startup fails.
+    """
 
     def __init__(
         self,
-        app: InstrumentedApp,
+        app: Any,
         sock: socket.socket,
         *,
         graceful_timeout: float = 5.0,
+        **options: Any,
     ) -> None:
         self.app = app
         self.sock = sock
         host, port = sock.getsockname()[:2]
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_config=None,
-            access_log=False,
-            lifespan="auto",
-            timeout_graceful_shutdown=int(graceful_timeout) or 1,
-        )
+        settings: dict[str, Any] = {
+            "log_config": None,
+            "access_log": False,
+            "lifespan": "auto",
+            "http": http_protocol(),
+            "timeout_graceful_shutdown": int(graceful_timeout) or 1,
+            **options,
+        }
+        config = uvicorn.Config(app, host=host, port=port, **settings)
         self.server = _Server(config)
         self.task: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -116,7 +220,8 @@ class ServerHandle:
         except SystemExit as exc:
             # uvicorn calls sys.exit() when lifespan startup fails; never let it reach
             # the kernel (kernel-facts.md #3).
-            reason = self.app.lifespan_error or f"uvicorn exited with code {exc.code}"
+            error = getattr(self.app, "lifespan_error", None)
+            reason = error or f"uvicorn exited with code {exc.code}"
             raise ServerStartError(
                 f"The task app failed to start: its lifespan startup raised ({reason}). "
                 "Fix the app's startup hooks and start again."

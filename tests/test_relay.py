@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.util
 import json
 import logging
 import os
@@ -307,10 +308,20 @@ async def test_agent_with_nagle_on_is_not_delayed_by_relay_acks(
             get = client.get(lease["public_url"] + "/x", headers=worker(lease))
             call = asyncio.create_task(get)
             rid = (await next_frame(ws, "REQ_END"))["rid"]
-            head = {"type": "RESP_HEADERS", "lease_id": lid, "rid": rid, "status": 200,
-                    "headers": [["content-type", "text/plain"]]}
-            body = {"type": "RESP_BODY", "lease_id": lid, "rid": rid, "eof": False,
-                    "chunk_b64": base64.b64encode(b"ok").decode()}
+            head = {
+                "type": "RESP_HEADERS",
+                "lease_id": lid,
+                "rid": rid,
+                "status": 200,
+                "headers": [["content-type", "text/plain"]],
+            }
+            body = {
+                "type": "RESP_BODY",
+                "lease_id": lid,
+                "rid": rid,
+                "eof": False,
+                "chunk_b64": base64.b64encode(b"ok").decode(),
+            }
             for frame in (head, body, {"type": "RESP_END", "lease_id": lid, "rid": rid}):
                 await ws.send(json.dumps(frame))  # one small write each, as the SDK's agent
             r = await call
@@ -318,8 +329,8 @@ async def test_agent_with_nagle_on_is_not_delayed_by_relay_acks(
             assert r.status_code == 200 and r.content == b"ok"
     finally:
         await ws.close()
-    # Speed is a benchmark's business (bench/sdk_agent.py: 44 ms -> 2 ms per request through
-    # the SDK's agent); here the figure is only reported, for whoever reads the log.
+    # Speed is a benchmark's business (bench/tunnel.py; docs/synthtunnel-protocol.md section
+    # 5: 44 ms -> 2-4 ms per request through the SDK's agent); here it is only reported.
     logging.getLogger(__name__).info(
         "Nagle-on agent round trip: median %.1f ms", statistics.median(times) * 1000
     )
@@ -444,6 +455,7 @@ async def _malformed_frames(relay: RelayServer, client: httpx.AsyncClient, app_u
             '{"type": "RESP_BODY", "chunk_b64": "AA=="}',
             '{"type": "RESP_END"}',
             '{"type": "RESP_HEADERS", "rid": "nope", "status": 200, "headers": []}',
+            "[" * 100_000 + "]" * 100_000,  # nested past the parser's recursion limit
         ]:
             await bad.send(garbage)
         await bad.send(b"\x00\xff binary")
@@ -580,7 +592,10 @@ def test_thread_helper_and_port_in_use() -> None:
     assert port_is_free(port)
 
 
-def test_cli_serves_and_stops_on_sigterm() -> None:
+@pytest.mark.parametrize("loop", ["auto", "asyncio"])
+def test_cli_serves_and_stops_on_sigterm(loop: str) -> None:
+    """The CLI as deployed; ``auto`` runs on uvloop when it is installed (the [relay] and
+    test extras install it)."""
     port = free_port()
     env = {**os.environ, "TASKAPP_RELAY_API_KEYS": "env-key-1, env-key-2"}
     cmd = [
@@ -593,6 +608,8 @@ def test_cli_serves_and_stops_on_sigterm() -> None:
         str(port),
         "--api-key",
         "cli-key",
+        "--loop",
+        loop,
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -618,6 +635,9 @@ def test_cli_serves_and_stops_on_sigterm() -> None:
     assert f"SYNTH_BACKEND_URL=http://127.0.0.1:{port}" in out
     assert "env-key-1" not in err and "cli-key" not in err  # keys are masked in logs
     assert port_is_free(port)
+    uvloop_installed = importlib.util.find_spec("uvloop") is not None
+    expected = "uvloop" if loop == "auto" and uvloop_installed else "asyncio"
+    assert f"event loop: {expected}" in err
 
     no_keys = {k: v for k, v in os.environ.items() if k != "TASKAPP_RELAY_API_KEYS"}
     done = subprocess.run(
@@ -659,27 +679,116 @@ async def test_stop_closes_agents_and_fails_requests_in_flight(client: httpx.Asy
     assert port_is_free(port) and not relay.running
 
 
-def test_req_body_frames_equal_json_dumps_and_bad_base64_is_rejected():
-    from taskapp_notebook.relay.frames import (
-        FrameError,
-        RespBody,
-        encode_req_body,
-        parse_agent_frame,
-    )
+async def test_header_rules_and_binary_messages_at_the_relay(
+    relay: RelayServer, client: httpx.AsyncClient
+):
+    """The drift once between relay and agent, resolved in the shared rules: headers a
+    ``Connection`` header names are dropped both ways, an unwritable (empty-named) response
+    header is dropped, and a binary message is not a frame (skipped, request unharmed)."""
+    lease = await new_lease(client, relay)
+    ws = await attach_raw(lease)
+    try:
+        headers = {**worker(lease), "Connection": "x-secret", "X-Secret": "1", "X-Ok": "1"}
+        call = asyncio.create_task(client.get(lease["public_url"] + "/h", headers=headers))
+        req = await next_frame(ws, "REQ_HEADERS")
+        names = [name for name, _ in req["headers"]]
+        assert "x-ok" in names and "x-secret" not in names and "connection" not in names
+        rid, lease_id = req["rid"], lease["lease_id"]
+        wrong = {"type": "RESP_HEADERS", "lease_id": lease_id, "rid": rid, "status": 500}
+        await ws.send(json.dumps(wrong).encode())  # binary: skipped
+        response_headers = [["", "v"], ["Connection", "x-hop"], ["x-hop", "1"], ["x-app", "2"]]
+        await ws.send(json.dumps({**wrong, "status": 200, "headers": response_headers}))
+        await ws.send(json.dumps({"type": "RESP_END", "lease_id": lease_id, "rid": rid}))
+        r = await call
+        assert r.status_code == 200 and r.headers["x-app"] == "2" and "x-hop" not in r.headers
+    finally:
+        await ws.close()
 
-    data = os.urandom(65536)
-    for rid in ("rid_0123", 'odd "rid" \\ é\n'):
-        for chunk in (b"", data, memoryview(data)[100:5000]):
-            text = encode_req_body(rid, chunk)
-            expected = {
-                "type": "REQ_BODY",
-                "rid": rid,
-                "chunk_b64": base64.b64encode(chunk).decode(),
-            }
-            assert json.loads(text) == expected
-            assert text == json.dumps(expected, separators=(",", ":"))
-    frame = {"type": "RESP_BODY", "rid": "r", "chunk_b64": base64.b64encode(data).decode()}
-    assert parse_agent_frame(json.dumps(frame)) == RespBody("r", data)
-    for bad in ("QQ=", "QQ==QQ==", "QU JD", "QUJD\n", "é", "=QQ=", "QQ==="):
-        with pytest.raises(FrameError, match="not valid base64"):
-            parse_agent_frame(json.dumps({**frame, "chunk_b64": bad}))
+
+async def test_binary_bodies_are_agreed_at_attach_and_used_both_ways(
+    relay: RelayServer, client: httpx.AsyncClient
+):
+    """Our extension (docs/synthtunnel-protocol.md): an agent that offers
+    ``binary_bodies: 1`` gets it back in ATTACH_ACK; REQ_BODY then arrives as binary
+    messages (kind 1, rid length, rid, body) and RESP_BODY may be sent so (kind 2)."""
+    lease = await new_lease(client, relay)
+    ws = await connect(
+        lease["agent_connect"]["url"],
+        additional_headers={"Authorization": f"Bearer {lease['agent_connect']['agent_token']}"},
+        max_size=16 * MiB,
+        ping_interval=None,
+    )
+    try:
+        attach = {
+            "type": "ATTACH",
+            "agent_id": "binary-test-agent",
+            "leases": [{"lease_id": lease["lease_id"]}],
+            "capabilities": {"binary_bodies": 1},
+        }
+        await ws.send(json.dumps(attach))
+        ack = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert ack["type"] == "ATTACH_ACK" and ack["capabilities"] == {"binary_bodies": 1}
+        upload = os.urandom(150_000)
+        call = asyncio.create_task(
+            client.post(lease["public_url"] + "/up", content=upload, headers=worker(lease))
+        )
+        rid = (await next_frame(ws, "REQ_HEADERS"))["rid"]
+        received = b""
+        while True:
+            message = await asyncio.wait_for(ws.recv(), 10)
+            if isinstance(message, str):
+                assert json.loads(message) == {"type": "REQ_END", "rid": rid}
+                break
+            assert message[0] == 1 and message[2 : 2 + message[1]].decode() == rid
+            received += message[2 + message[1] :]
+        assert received == upload
+        lease_id = lease["lease_id"]
+        head = {"type": "RESP_HEADERS", "lease_id": lease_id, "rid": rid, "status": 200}
+        await ws.send(json.dumps(head))
+        await ws.send(bytes([2, len(rid)]) + rid.encode() + b"binary,")
+        text_body = {"type": "RESP_BODY", "lease_id": lease_id, "rid": rid, "chunk_b64": "anNvbg=="}
+        await ws.send(json.dumps(text_body))
+        await ws.send(json.dumps({"type": "RESP_END", "lease_id": lease_id, "rid": rid}))
+        r = await call
+        assert (r.status_code, r.content) == (200, b"binary,json")
+    finally:
+        await ws.close()
+
+
+async def test_deeply_nested_json_is_a_client_error(relay: RelayServer, client: httpx.AsyncClient):
+    """``[[[[...`` past the parser's recursion limit is a 400, not a 500 with a traceback;
+    nesting the parser takes but the relay would have to store is refused with 422."""
+    url = relay.url + LEASES
+    for body in (
+        "[" * 100_000 + "]" * 100_000,
+        '{"metadata": ' + "[" * 50_000 + "]" * 50_000 + "}",
+    ):
+        r = await client.post(url, content=body, headers=auth())
+        assert (r.status_code, r.json()["code"]) == (400, "invalid_json"), r.text
+    nested: Any = "leaf"
+    for _ in range(200):
+        nested = [nested]
+    r = await client.post(url, json={"metadata": {"a": nested}}, headers=auth())
+    assert r.status_code == 422 and "nested" in r.json()["detail"], r.text
+    r = await client.post(url, json={"metadata": {"a": [[["fine"]]]}}, headers=auth())
+    assert r.status_code == 201
+
+
+async def test_relay_keeps_idle_connections_longer_than_clients_do(relay: RelayServer):
+    """Requests lost under load (one hop of it): httpx keeps idle connections 5 s, uvicorn
+    closed them after 5 s, so a request written at that moment on a reused connection was
+    lost. The relay now keeps them ``keep_alive_timeout`` (20 s): the same socket still
+    works after 5.5 s idle."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    try:
+        for wait in (0.0, 5.5):
+            await asyncio.sleep(wait)
+            writer.write(b"GET /health HTTP/1.1\r\nhost: relay\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200")
+            length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))  # type: ignore[union-attr]
+            await reader.readexactly(length)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert RelayConfig().keep_alive_timeout > 15  # above httpx's 5 s and aiohttp's 15 s

@@ -34,10 +34,10 @@ from websockets.http11 import Request as WSRequest
 from websockets.http11 import Response as WSResponse
 
 from taskapp_notebook.errors import TunnelError
-from taskapp_notebook.tunnels import synthtunnel_agent
 from taskapp_notebook.tunnels.base import TunnelContext, TunnelState, create_tunnel
 from taskapp_notebook.tunnels.synthtunnel import SynthTunnel
-from taskapp_notebook.tunnels.synthtunnel_leases import client_instance_id
+from taskapp_notebook.tunnels.synthtunnel import agent as synthtunnel_agent
+from taskapp_notebook.tunnels.synthtunnel.lease_client import client_instance_id
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +134,20 @@ class AgentConn:
         """Frames for ``rid`` up to and including RESP_END or RESP_ERROR."""
         await wait_until(lambda: any(f["type"] in TERMINAL for f in self.frames(rid)), timeout)
         return self.frames(rid)
+
+
+def decode_agent_message(message: str | bytes) -> dict[str, Any]:
+    """An agent message as a JSON frame dict. A binary message is read as the binary body
+    frame of docs/synthtunnel-protocol.md (kind 2 = RESP_BODY, rid length, rid, body) and
+    marked ``"binary": True``; anything else binary fails the test."""
+    if isinstance(message, str):
+        frame: dict[str, Any] = json.loads(message)
+        return frame
+    kind, rid_length = message[0], message[1]
+    assert kind == 2, f"binary message of kind {kind}"
+    rid = message[2 : 2 + rid_length].decode()
+    chunk = base64.b64encode(message[2 + rid_length :]).decode()
+    return {"type": "RESP_BODY", "rid": rid, "chunk_b64": chunk, "binary": True}
 
 
 def body_of(frames: list[dict[str, Any]]) -> bytes:
@@ -268,7 +282,7 @@ class SynthTunnelTestRelay:
         self.connections.append(conn)
         with contextlib.suppress(ConnectionClosed):
             async for message in ws:
-                conn.received.append(json.loads(message))
+                conn.received.append(decode_agent_message(message))
 
     def conns_for(self, lease_id: str) -> list[AgentConn]:
         return [c for c in self.connections if c.lease_id == lease_id]
@@ -441,7 +455,8 @@ async def test_lease_request_and_attach_frame_follow_the_protocol(
                 "max_inflight": 128,
                 "streaming": True,
                 "supports_cancel": True,
-            },
+                "binary_bodies": 1,  # our extension, offered; this relay (like Synth's)
+            },  # does not agree, so every frame stays JSON text (checked below)
         }
         assert url == st.url == lease["public_url"]
         assert st.worker_token == lease["worker_token"]
@@ -648,6 +663,7 @@ async def test_bad_frames_are_skipped_or_answered_with_bad_request_frame(
 ) -> None:
     conn = only_conn(relay)
     await conn.send("not json")
+    await conn.send("[" * 100_000 + "]" * 100_000)  # nested past the recursion limit
     await conn.send(b"\x00binary")
     await conn.send({"type": "SOMETHING_NEW", "rid": "x"})
     await conn.send({"type": "REQ_HEADERS", "rid": "no-lease", "method": "GET", "path": "/"})
@@ -673,6 +689,50 @@ async def test_bad_frames_are_skipped_or_answered_with_bad_request_frame(
     await conn.request("ok", "GET", "/echo")
     assert (await conn.response("ok"))[-1]["type"] == "RESP_END"
     assert conn.frames("no-lease") == [] and conn.frames("unknown") == []
+
+
+async def test_binary_bodies_when_the_relay_agrees(
+    relay: SynthTunnelTestRelay, ctx: TunnelContext
+) -> None:
+    """Our extension: the relay agrees in ATTACH_ACK; then bodies travel as binary
+    messages both ways (REQ_BODY kind 1, RESP_BODY kind 2), and JSON body frames still work."""
+    relay.ack = {"type": "ATTACH_ACK", "agent_id": "relay", "capabilities": {"binary_bodies": 1}}
+    st = SynthTunnel()
+    await st.open(ctx)
+    try:
+        assert st.lease is not None
+        conn = relay.conns_for(st.lease.lease_id)[0]
+        payload = os.urandom(200_000)
+        await conn.request("bin", "POST", "/upload", end=False)
+        for start in range(0, len(payload), 65536):
+            await conn.send(bytes([1, 3]) + b"bin" + payload[start : start + 65536])
+        await conn.send({"type": "REQ_END", "rid": "bin"})
+        frames = await conn.response("bin")
+        bodies = [f for f in frames if f["type"] == "RESP_BODY"]
+        assert bodies and all(f.get("binary") for f in bodies)
+        assert body_of(frames) == payload and frames[-1]["type"] == "RESP_END"
+        await conn.request("json", "POST", "/upload", body=b"abc")
+        assert body_of(await conn.response("json")) == b"abc"
+    finally:
+        await st.close()
+
+
+async def test_header_rules_and_binary_messages_at_the_agent(
+    relay: SynthTunnelTestRelay, tunnel: SynthTunnel
+) -> None:
+    """The drift once between agent and relay, resolved in the shared rules: an empty
+    header name is dropped (not a BAD_REQUEST_FRAME), headers a ``Connection`` header names
+    are dropped, and a binary message is not a frame (skipped)."""
+    conn = only_conn(relay)
+    binary = {"type": "REQ_HEADERS", "lease_id": "lease_1", "rid": "bin", "method": "GET"}
+    await conn.send(json.dumps({**binary, "path": "/echo"}).encode())
+    headers = [["", "x"], ["Connection", "x-secret"], ["x-secret", "1"], ["x-ok", "1"]]
+    await conn.request("h", "GET", "/echo", headers=headers)
+    frames = await conn.response("h")
+    assert [f["type"] for f in frames][0] == "RESP_HEADERS" and frames[-1]["type"] == "RESP_END"
+    seen = [name for name, _ in json.loads(body_of(frames))["headers"]]
+    assert "x-ok" in seen and "x-secret" not in seen and "" not in seen
+    assert conn.frames("bin") == []
 
 
 async def test_local_failures_map_to_resp_error_codes(
@@ -1163,35 +1223,10 @@ def test_body_bounds_are_validated() -> None:
         SynthTunnel(body_stall_timeout=-1)
 
 
-def test_resp_body_frames_equal_json_dumps_and_bad_base64_is_rejected():
-    from taskapp_notebook.tunnels.synthtunnel_frames import (
-        FrameError,
-        RespBodyEncoder,
-        b64decode,
-        dumps,
-        resp_body,
-        split_chunks,
-    )
-
-    data = os.urandom(200_000)
-    pieces = list(split_chunks(data))
-    assert [len(p) for p in pieces] == [65536, 65536, 65536, 3392]
-    assert b"".join(pieces) == data and list(split_chunks(b"")) == []
-    for lease_id, rid in (("lease_1", "rid_1"), ('le"ase\\', "rïd\n")):
-        encode = RespBodyEncoder(lease_id, rid)
-        for piece in [*pieces, b"x", b""]:
-            text = encode(piece)
-            assert text == dumps(resp_body(lease_id, rid, bytes(piece)))
-            assert b64decode(json.loads(text)["chunk_b64"]) == bytes(piece)
-    for bad in ("QQ=", "QQ==QQ==", "QU JD", "QUJD\n", "é", "=QQ=", "QQ===", None):
-        with pytest.raises(FrameError):
-            b64decode(bad)
-
-
 def test_reconnect_backoff_starts_under_a_second_and_is_spread() -> None:
     from itertools import islice
 
-    from taskapp_notebook.tunnels.synthtunnel_agent import backoff
+    from taskapp_notebook.tunnels.synthtunnel.attach import backoff
 
     runs = [list(islice(backoff(), 8)) for _ in range(50)]
     assert all(run[0] <= 1.0 for run in runs)  # first retry within a second

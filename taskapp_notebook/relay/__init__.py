@@ -1,6 +1,6 @@
 """``taskapp-relay``: a SynthTunnel-compatible relay server.
 
-It speaks the lease API and frames of ``synthtunnel-protocol.md`` on one port, so the whole
+It speaks the lease API and frames of ``docs/synthtunnel-protocol.md`` on one port, so the whole
 caller → relay → agent → task-app path runs on loopback (tests, offline demos) and a team
 can host its own relay. Any agent that follows the document works with it, the SDK's
 compiled agent included::
@@ -44,6 +44,6 @@ response if headers were already sent).
 from __future__ import annotations
 
 from .config import RelayConfig
-from .server import RelayServer
+from .relay_server import RelayServer
 
 __all__ = ["RelayConfig", "RelayServer"]

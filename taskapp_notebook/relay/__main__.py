@@ -18,10 +18,11 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from .config import RelayConfig
-from .server import RelayServer
+from .relay_server import RelayServer
 
 logger = logging.getLogger("taskapp_notebook.relay")
 
@@ -90,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for a pong before dropping an agent (default %(default)s)",
     )
     p.add_argument(
+        "--loop",
+        default="auto",
+        choices=["auto", "asyncio", "uvloop"],
+        help="event loop: uvloop when installed (pip install 'taskapp-notebook[relay]'), "
+        "else asyncio (default %(default)s)",
+    )
+    p.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -108,6 +116,7 @@ async def _serve(relay: RelayServer) -> int:
             handled.append(sig)
     try:
         await relay.start()
+        logger.info("event loop: %s", type(loop).__module__.split(".")[0])
         print(
             f"taskapp-relay serving on {relay.local_url} - SYNTH_BACKEND_URL={relay.url}",
             flush=True,
@@ -119,6 +128,22 @@ async def _serve(relay: RelayServer) -> int:
         for sig in handled:
             loop.remove_signal_handler(sig)
     return 0
+
+
+def _run(main: Coroutine[Any, Any, int], loop: str, parser: argparse.ArgumentParser) -> int:
+    """``asyncio.run(main)`` on the event loop asked for (uvloop's when ``auto`` finds it)."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if loop == "uvloop":
+                main.close()
+                parser.error("--loop uvloop: uvloop is not installed (pip install uvloop)")
+        else:
+            factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        return asyncio.run(_serve(relay))
+        return _run(_serve(relay), args.loop, parser)
     except OSError as exc:
         logger.error("%s", exc)
         return 1

@@ -21,7 +21,7 @@ from .problems import (
     send_problem,
 )
 from .proxy import proxy
-from .state import AGENT_PATH, LEASES_PATH, ROUTE_PREFIX, LeaseRequestError, RelayState
+from .state import AGENT_PATH, LEASES_PATH, ROUTE_PREFIX, InvalidLeaseRequestError, RelayState
 
 logger = logging.getLogger(__name__)
 
@@ -124,12 +124,12 @@ class RelayApp:
             return
         try:
             body = json.loads(raw) if raw.strip() else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: '[[[[...' past the limit
             await send_problem(send, 400, "invalid_json", "the body is not JSON", rid)
             return
         try:
             lease, created = self.state.create_or_renew(owner, body)
-        except LeaseRequestError as exc:
+        except InvalidLeaseRequestError as exc:
             await send_problem(send, 422, "invalid_request", str(exc), rid)
             return
         doc = self.state.lease_document(lease)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .frames import MAX_MESSAGE_BYTES
+from ..tunnels.synthtunnel.protocol import MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,10 @@ class RelayConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     #: How often expired leases are swept (their agents detached).
     sweep_interval: float = 0.5
+    #: Idle time after which the relay closes a caller's keep-alive connection. Longer than
+    #: common clients keep idle connections (httpx 5 s, aiohttp 15 s): a server that closes
+    #: first races the client's next request on that connection, which is then lost.
+    keep_alive_timeout: float = 20.0
 
     def __post_init__(self) -> None:
         positive = {
@@ -43,6 +47,7 @@ class RelayConfig:
             "attach_timeout": self.attach_timeout,
             "max_message_bytes": self.max_message_bytes,
             "sweep_interval": self.sweep_interval,
+            "keep_alive_timeout": self.keep_alive_timeout,
         }
         for name, value in positive.items():
             if not value > 0:

@@ -22,11 +22,18 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from ..errors import mask_secret
-from .agents import WARN_MALFORMED, AgentGoneError, AgentSession
-from .frames import Attach, FrameError, encode_attach_ack, parse_agent_frame
-from .leases import Lease, iso_z
+from ..errors import RedactingLogger, mask_secret
+from ..tunnels.synthtunnel.batching import write_coalesced
+from ..tunnels.synthtunnel.codec import encode, parse_agent_frame
+from ..tunnels.synthtunnel.protocol import (
+    BINARY_BODIES,
+    Attach,
+    AttachAck,
+    FrameError,
+)
+from .lease_store import Lease, iso_z
 from .problems import bearer, new_request_id, problem_body
+from .sessions import WARN_MALFORMED, AgentGoneError, AgentSession
 from .state import AGENT_PATH, CLOSE_LEASE_GONE, RelayState
 
 logger = logging.getLogger(__name__)
@@ -55,6 +62,9 @@ class AgentConnection(ServerConnection):
         super().connection_made(transport)
         if TCP_QUICKACK is not None:
             self._quickack = transport.get_extra_info("socket")
+
+    def send_data(self) -> None:
+        write_coalesced(self)  # REQ_HEADERS + REQ_END in one segment
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -99,7 +109,11 @@ class AgentEndpoint:
                     # No extensions: permessage-deflate, which agents offer, is declined.
                     # Bodies are base64 (random data deflates only to ~77 % at ~20 MB/s
                     # per core); on loopback or a LAN it would halve throughput for little.
-                    ServerProtocol(max_size=cfg.max_message_bytes),
+                    ServerProtocol(
+                        max_size=cfg.max_message_bytes,
+                        # Handshake headers are logged at DEBUG: mask the agent tokens.
+                        logger=RedactingLogger(logging.getLogger("websockets.server")),
+                    ),
                     server,
                     ping_interval=cfg.ping_interval,
                     ping_timeout=cfg.ping_timeout,
@@ -247,7 +261,7 @@ class AgentEndpoint:
         return None
 
     def _attach(self, session: AgentSession, lease: Lease, frame: Attach) -> str:
-        listed = set(frame.lease_ids)
+        listed = {target.lease_id for target in frame.leases}
         if listed and lease.lease_id not in listed:
             logger.warning(
                 "%s: ATTACH does not list lease %s, which its token opened; attaching it anyway",
@@ -261,9 +275,12 @@ class AgentEndpoint:
                 len(listed - {lease.lease_id}),
             )
         self.state.attach(session, lease)
-        return encode_attach_ack(
-            frame.agent_id,
-            [{"lease_id": lease.lease_id, "expires_at": iso_z(lease.expires_at)}],
+        return encode(
+            AttachAck(
+                frame.agent_id,
+                ({"lease_id": lease.lease_id, "expires_at": iso_z(lease.expires_at)},),
+                {BINARY_BODIES: 1} if session.binary else {},
+            )
         )
 
     async def aclose(self) -> None:

@@ -12,7 +12,22 @@ import asyncio
 import contextlib
 import logging
 
-from .agents import (
+from ..tunnels.synthtunnel.codec import chunks, encode, encode_body
+from ..tunnels.synthtunnel.headers import caller_response_headers, relay_request_headers
+from ..tunnels.synthtunnel.protocol import (
+    ERROR_STATUS,
+    Cancel,
+    ReqBody,
+    ReqEnd,
+    ReqHeaders,
+    RespBody,
+    RespEnd,
+    RespError,
+    RespHeaders,
+)
+from .lease_store import Lease
+from .problems import Receive, Scope, Send, bearer, header, send_problem
+from .sessions import (
     AgentGoneError,
     AgentLost,
     AgentSession,
@@ -21,32 +36,9 @@ from .agents import (
     Exchange,
     Overflow,
 )
-from .frames import (
-    MAX_BODY_CHUNK,
-    REQUEST_DROP,
-    ReqBodyEncoder,
-    RespBody,
-    RespEnd,
-    RespError,
-    RespHeaders,
-    encode_cancel,
-    encode_req_end,
-    encode_req_headers,
-    is_hop_by_hop,
-    response_headers,
-)
-from .leases import Lease
-from .problems import Receive, Scope, Send, bearer, header, send_problem
 from .state import ROUTE_PREFIX, RelayState
 
 logger = logging.getLogger(__name__)
-
-#: RESP_ERROR codes that are not "could not reach the app" (our agent's refusals).
-_AGENT_ERROR_STATUS = {
-    "AGENT_OVERLOADED": 503,
-    "REQUEST_BODY_OVERFLOW": 503,
-    "DEADLINE_EXCEEDED": 504,
-}
 
 RETRY_AFTER = [(b"retry-after", b"1")]
 
@@ -123,12 +115,13 @@ async def proxy(
         )
         return
 
-    headers: list[tuple[str, str]] = []
-    for raw_name, raw_value in scope.get("headers", []):
-        name = bytes(raw_name).decode("latin-1").lower()
-        if name in REQUEST_DROP or is_hop_by_hop(name) or (name == "authorization" and auth_ok):
-            continue
-        headers.append((name, bytes(raw_value).decode("latin-1")))
+    headers = relay_request_headers(
+        [
+            (bytes(name).decode("latin-1"), bytes(value).decode("latin-1"))
+            for name, value in scope.get("headers", [])
+        ],
+        worker_token_in_authorization=auth_ok,
+    )
 
     lease.inflight += 1
     exchange = session.open_exchange(lease.lease_id)
@@ -144,30 +137,37 @@ async def _cancel(session: AgentSession, rid: str) -> None:
     if session.usable:
         with contextlib.suppress(AgentGoneError, TimeoutError):
             async with asyncio.timeout(5.0):
-                await session.send(encode_cancel(rid))
+                await session.send(encode(Cancel(rid)))
 
 
-async def _pump(session: AgentSession, exchange: Exchange, receive: Receive) -> None:
-    """Stream the caller's body to the agent, then watch for the caller leaving."""
+def _has_body(scope: Scope) -> bool:
+    """False when the request carries no body (no Transfer-Encoding, Content-Length 0 or
+    none): then REQ_END goes out with REQ_HEADERS."""
+    for name, value in scope.get("headers", []):
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
+
+
+async def _pump(
+    session: AgentSession, exchange: Exchange, receive: Receive, *, ended: bool
+) -> None:
+    """Stream the caller's body to the agent (unless ``ended``: REQ_END was sent with the
+    headers), then watch for the caller leaving."""
     rid = exchange.rid
-    body_frame = ReqBodyEncoder(rid)
     try:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 exchange.interrupt(CallerGone())
                 return
-            body = message.get("body", b"")
-            if len(body) <= MAX_BODY_CHUNK:
-                if body:
-                    await session.send(body_frame(body))
-            else:
-                view = memoryview(body)
-                for start in range(0, len(body), MAX_BODY_CHUNK):
-                    await session.send(body_frame(view[start : start + MAX_BODY_CHUNK]))
+            if not ended:
+                for chunk in chunks(message.get("body", b"")):
+                    await session.send(encode_body(ReqBody(rid, chunk), binary=session.binary))
             if not message.get("more_body", False):
                 break
-        await session.send(encode_req_end(rid))
+        if not ended:
+            await session.send(encode(ReqEnd(rid)))
         # Returns when the caller disconnects (or, harmlessly, when the response is done).
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -223,18 +223,21 @@ async def _run(
 
     try:
         async with asyncio.timeout(cfg.request_timeout) as deadline:
-            await session.send(
-                encode_req_headers(
-                    lease_id=lease.lease_id,
-                    rid=rid,
-                    method=method,
-                    path=path,
-                    query=bytes(scope.get("query_string", b"")).decode("latin-1"),
-                    headers=headers,
-                    deadline_ms=int(cfg.request_timeout * 1000),
-                )
+            head = ReqHeaders(
+                lease.lease_id,
+                rid,
+                method,
+                path,
+                bytes(scope.get("query_string", b"")).decode("latin-1"),
+                tuple(headers),
+                int(cfg.request_timeout * 1000),
             )
-            pump = asyncio.create_task(_pump(session, exchange, receive))
+            ended = not _has_body(scope)
+            if ended:  # one write, so the agent reads the whole request at once
+                await session.send_many([encode(head), encode(ReqEnd(rid))])
+            else:
+                await session.send(encode(head))
+            pump = asyncio.create_task(_pump(session, exchange, receive, ended=ended))
             while True:
                 event = await exchange.get()
                 if isinstance(event, RespHeaders) and not started:
@@ -243,7 +246,7 @@ async def _run(
                         {
                             "type": "http.response.start",
                             "status": event.status,
-                            "headers": response_headers(event.headers),
+                            "headers": caller_response_headers(event.headers),
                         }
                     )
                     started = True
@@ -259,7 +262,11 @@ async def _run(
                         return
                     if body_allowed and event.data:
                         await send(
-                            {"type": "http.response.body", "body": event.data, "more_body": True}
+                            {
+                                "type": "http.response.body",
+                                "body": bytes(event.data),
+                                "more_body": True,
+                            }
                         )
                 elif isinstance(event, RespEnd) and started:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -268,7 +275,7 @@ async def _run(
                 elif isinstance(event, RespError):
                     # An agent that refuses for load or time says so; anything else means the
                     # task app could not be reached.
-                    status = _AGENT_ERROR_STATUS.get(event.code, 502)
+                    status = ERROR_STATUS.get(event.code, 502)
                     await fail(
                         status,
                         "agent_error",

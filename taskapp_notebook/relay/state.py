@@ -11,9 +11,9 @@ from typing import Any
 from urllib.parse import quote
 
 from ..errors import mask_secret
-from .agents import AgentSession
 from .config import RelayConfig
-from .leases import Lease, LeaseStore, digest, iso_z
+from .lease_store import Lease, LeaseStore, digest, iso_z
+from .sessions import AgentSession
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +27,26 @@ CLOSE_LEASE_GONE = 4001
 CLOSE_GOING_AWAY = 1001
 
 
-class LeaseRequestError(ValueError):
+class InvalidLeaseRequestError(ValueError):
     """A lease POST body the relay cannot honour."""
+
+
+#: How deep ``metadata`` / ``local_target`` may nest (the relay stores and returns them).
+MAX_JSON_DEPTH = 32
+
+
+def _depth(value: Any, limit: int = MAX_JSON_DEPTH + 1) -> int:
+    """Nesting depth of a parsed JSON value, counted up to ``limit`` (no recursion)."""
+    depth, level = 0, [value]
+    while level and depth < limit:
+        depth += 1
+        level = [
+            child
+            for item in level
+            if isinstance(item, dict | list)
+            for child in (item.values() if isinstance(item, dict) else item)
+        ]
+    return depth
 
 
 def _number(value: Any) -> bool:
@@ -100,24 +118,28 @@ class RelayState:
         if body is None:
             body = {}
         if not isinstance(body, dict):
-            raise LeaseRequestError("the body must be a JSON object")
+            raise InvalidLeaseRequestError("the body must be a JSON object")
         client = body.get("client_instance_id", "")
         target = body.get("local_target", {})
         metadata = body.get("metadata", {})
         ttl_raw = body.get("requested_ttl_seconds", self.config.default_ttl)
         renew = body.get("renew_lease_id")
         if not isinstance(client, str):
-            raise LeaseRequestError("client_instance_id must be a string")
+            raise InvalidLeaseRequestError("client_instance_id must be a string")
         if not isinstance(target, dict) or not isinstance(metadata, dict):
-            raise LeaseRequestError("local_target and metadata must be JSON objects")
+            raise InvalidLeaseRequestError("local_target and metadata must be JSON objects")
+        if _depth(target) > MAX_JSON_DEPTH or _depth(metadata) > MAX_JSON_DEPTH:
+            raise InvalidLeaseRequestError(
+                f"local_target and metadata are nested deeper than {MAX_JSON_DEPTH} levels"
+            )
         if ttl_raw is None:
             ttl_raw = self.config.default_ttl
         if not _number(ttl_raw) or not ttl_raw > 0:
-            raise LeaseRequestError(
+            raise InvalidLeaseRequestError(
                 f"requested_ttl_seconds must be a positive number, got {ttl_raw!r}"
             )
         if renew is not None and not isinstance(renew, str):
-            raise LeaseRequestError("renew_lease_id must be a string")
+            raise InvalidLeaseRequestError("renew_lease_id must be a string")
         ttl = min(float(ttl_raw), self.config.max_ttl)
         if renew:
             lease = self.store.renewable(renew, owner)

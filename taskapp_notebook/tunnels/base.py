@@ -39,7 +39,7 @@ ALIASES: dict[str, str] = {
 
 #: mode → "module:Class", imported on first use.
 BACKENDS: dict[str, str] = {
-    "synthtunnel": "taskapp_notebook.tunnels.synthtunnel:SynthTunnel",
+    "synthtunnel": "taskapp_notebook.tunnels.synthtunnel.tunnel:SynthTunnel",
     "quick": "taskapp_notebook.tunnels.cloudflare:QuickTunnel",
     "named": "taskapp_notebook.tunnels.cloudflare:NamedTunnel",
     "local": "taskapp_notebook.tunnels.local:LocalTunnel",

@@ -12,7 +12,7 @@ arrived but that the app has not taken yet are *buffered*; they are bounded twic
 - per request, ``request_buffer_bytes`` (8 MiB by default; :attr:`ForwardedRequest.buffered_bytes`),
 - per agent (one WebSocket), ``agent_buffer_bytes`` (64 MiB; :class:`BodyBudget`).
 
-When a REQ_BODY would go past either bound, the agent's receive loop (``synthtunnel_agent``)
+When a REQ_BODY would go past either bound, the agent's receive loop (``agent``)
 waits for room, for at most ``body_stall_timeout`` (2 s; never more than half the ping
 timeout). While it waits it reads nothing, so back-pressure reaches the relay through the
 WebSocket and TCP (our relay awaits each send and uvicorn in turn stops reading the
@@ -37,44 +37,44 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import string
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from urllib.parse import quote
 
-import httpx
 from websockets.exceptions import ConnectionClosed
 
-from .synthtunnel_frames import (
-    BAD_REQUEST_FRAME,
+from .codec import TextFrame, chunks, encode, encode_body
+from .headers import agent_request_headers, header_bytes
+from .local_http import LocalHTTP, LocalHTTPError
+from .protocol import (
     DEADLINE_EXCEEDED,
-    DEFAULT_DEADLINE_MS,
     LOCAL_BAD_RESPONSE,
     LOCAL_CONNECT_FAILED,
     MAX_BODY_CHUNK,
     FrameError,
-    RespBodyEncoder,
-    forward_headers,
-    header_pairs,
-    resp_end,
-    resp_error,
-    resp_headers,
-    split_chunks,
+    ReqHeaders,
+    RespBody,
+    RespEnd,
+    RespError,
+    RespHeaders,
 )
 
 logger = logging.getLogger(__name__)
 
-#: Sends one frame: a frame object, or frame JSON text that is already encoded.
-Send = Callable[[dict[str, Any] | str], Awaitable[None]]
-
-#: Local request timeouts: 10 s to connect; the rest is bounded by ``deadline_ms``.
-_TIMEOUTS = httpx.Timeout(None, connect=10.0).as_dict()
+#: Sends encoded frames (JSON text, or binary body frames) back to back.
+Send = Callable[[Sequence[str | bytes | TextFrame]], Awaitable[None]]
 
 #: Characters kept as they are when re-quoting a request target with unsafe characters.
 _TARGET_SAFE = "".join(sorted(set(string.printable) - set(string.whitespace) - {"#"}))
+#: A target that is not printable ASCII without whitespace and ``#`` gets re-quoted.
+_NEEDS_QUOTING = re.compile(r"[^!-~]|#")
 
 
+#: A response whose body is already read when its head is, up to this size, goes out as
+#: RESP_HEADERS + RESP_BODY + RESP_END in one write (``batching``).
+SMALL_RESPONSE = 32 * 1024
 #: Default bounds on buffered request-body bytes (see the module docstring).
 REQUEST_BUFFER_BYTES = 8 * 1024 * 1024
 AGENT_BUFFER_BYTES = 64 * 1024 * 1024
@@ -126,19 +126,6 @@ class BodyBudget:
         await self._released.wait()
 
 
-def _encode_header(value: str) -> bytes:
-    try:
-        return value.encode("latin-1")
-    except UnicodeEncodeError:
-        return value.encode("utf-8")
-
-
-def _deadline_seconds(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        value = DEFAULT_DEADLINE_MS
-    return float(value) / 1000
-
-
 class ForwardedRequest:
     """A request from REQ_HEADERS on: its body as it arrives, and its forwarding task."""
 
@@ -147,7 +134,7 @@ class ForwardedRequest:
         lease_id: str,
         rid: str,
         method: str,
-        url: httpx.URL,
+        target: bytes,
         headers: list[tuple[bytes, bytes]],
         deadline: float,
         *,
@@ -157,7 +144,7 @@ class ForwardedRequest:
         self.lease_id = lease_id
         self.rid = rid
         self.method = method
-        self.url = url
+        self.target = target
         self.headers = headers
         self.deadline = deadline
         self.budget = budget if budget is not None else BodyBudget(max_buffered)
@@ -170,46 +157,33 @@ class ForwardedRequest:
         self.closed = False
         self.task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[bytes | memoryview] = deque()
         self._arrived = asyncio.Event()
 
     @classmethod
     def from_frame(
         cls,
-        frame: dict[str, Any],
+        frame: ReqHeaders,
         *,
-        lease_id: str,
-        rid: str,
-        local: httpx.URL,
         api_key: str,
         budget: BodyBudget | None = None,
         max_buffered: int = REQUEST_BUFFER_BYTES,
     ) -> ForwardedRequest:
-        """Validate REQ_HEADERS and apply the header rules; FrameError when unusable."""
-        method, path = frame.get("method"), frame.get("path")
-        query = frame.get("query") or ""
-        if not isinstance(method, str) or not method or not method.isascii():
-            raise FrameError("REQ_HEADERS method is missing or invalid")
-        if not isinstance(path, str) or not path.startswith("/") or not isinstance(query, str):
-            raise FrameError("REQ_HEADERS path must be a string starting with '/'")
+        """The request of a parsed REQ_HEADERS, the header rules applied; FrameError when
+        its target cannot be sent."""
+        lease_id, rid, path, query = frame.lease_id, frame.rid, frame.path, frame.query
         target = path + (f"?{query}" if query else "")
-        if not target.isascii() or "#" in target or any(c in string.whitespace for c in target):
+        if _NEEDS_QUOTING.search(target):
             target = quote(target, safe=_TARGET_SAFE)
-        try:
-            url = local.copy_with(raw_path=target.encode("ascii"))
-        except (httpx.InvalidURL, ValueError):
-            raise FrameError(f"REQ_HEADERS path {path!r:.200} is not a valid target") from None
-        pairs = forward_headers(
-            header_pairs(frame.get("headers")), api_keys=[api_key], lease_id=lease_id, rid=rid
-        )
-        headers = [(_encode_header(k), _encode_header(v)) for k, v in pairs]
+        pairs = agent_request_headers(frame.headers, api_keys=[api_key], lease_id=lease_id, rid=rid)
+        headers = [(header_bytes(k), header_bytes(v)) for k, v in pairs]
         return cls(
             lease_id,
             rid,
-            method,
-            url,
+            frame.method,
+            target.encode("ascii"),
             headers,
-            _deadline_seconds(frame.get("deadline_ms")),
+            frame.deadline_ms / 1000,
             budget=budget,
             max_buffered=max_buffered,
         )
@@ -224,7 +198,7 @@ class ForwardedRequest:
         if self.ended:
             raise FrameError("REQ_BODY after REQ_END")
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         """Add a body chunk; start streaming once a full chunk has arrived.
 
         Does not check the bounds: the agent makes room first (:meth:`fits`).
@@ -262,7 +236,7 @@ class ForwardedRequest:
         self.budget.give_back(size)
         return body
 
-    async def _stream(self) -> AsyncIterator[bytes]:
+    async def _stream(self) -> AsyncIterator[bytes | memoryview]:
         while True:
             if self._chunks:
                 chunk = self._chunks.popleft()
@@ -276,7 +250,12 @@ class ForwardedRequest:
                 await self._arrived.wait()
 
     async def run(
-        self, http: httpx.AsyncBaseTransport, send: Send, max_response_bytes: int | None
+        self,
+        http: LocalHTTP,
+        send: Send,
+        max_response_bytes: int | None,
+        *,
+        binary: bool = False,
     ) -> None:
         """Forward to the app and send the response frames, ending in RESP_END/RESP_ERROR.
 
@@ -289,24 +268,29 @@ class ForwardedRequest:
                 await self._ready.wait()
                 content = self._stream() if self.streaming else self._take_all()
                 try:
-                    request = httpx.Request(
-                        self.method,
-                        self.url,
-                        headers=self.headers,
-                        content=content,
-                        extensions={"timeout": _TIMEOUTS},
-                    )
-                    response = await http.handle_async_request(request)
+                    response = await http.request(self.method, self.target, self.headers, content)
                     try:
-                        raw = [
-                            [k.decode("latin-1"), v.decode("latin-1")]
-                            for k, v in response.headers.raw
-                        ]
-                        await send(resp_headers(self.lease_id, self.rid, response.status_code, raw))
+                        raw = tuple(
+                            (k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers
+                        )
+                        status = response.status
+                        head = encode(RespHeaders(self.lease_id, self.rid, status, raw))
+                        small = response.buffered_body(SMALL_RESPONSE)
+                        if small is not None and (
+                            max_response_bytes is None or len(small) <= max_response_bytes
+                        ):
+                            # Already here: headers, body and end in one write.
+                            frames: list[str | bytes | TextFrame] = [head]
+                            for piece in chunks(small):
+                                frame = RespBody(self.lease_id, self.rid, piece)
+                                frames.append(encode_body(frame, binary=binary))
+                            frames.append(encode(RespEnd(self.lease_id, self.rid)))
+                            await send(frames)
+                            return
+                        await send([head])
                         headers_sent = True
-                        body_frame = RespBodyEncoder(self.lease_id, self.rid)
                         total = 0
-                        async for data in response.aiter_raw():
+                        async for data in response.body():
                             total += len(data)
                             if max_response_bytes is not None and total > max_response_bytes:
                                 error = (
@@ -314,16 +298,14 @@ class ForwardedRequest:
                                     f"response exceeds max_response_bytes={max_response_bytes}",
                                 )
                                 break
-                            for piece in split_chunks(data):
-                                await send(body_frame(piece))
+                            for piece in chunks(data):
+                                frame = RespBody(self.lease_id, self.rid, piece)
+                                await send([encode_body(frame, binary=binary)])
                     finally:
                         await response.aclose()
-                except httpx.LocalProtocolError as exc:
-                    code = LOCAL_BAD_RESPONSE if headers_sent else BAD_REQUEST_FRAME
-                    error = (code, f"{type(exc).__name__}: {exc}")
-                except httpx.HTTPError as exc:
+                except LocalHTTPError as exc:
                     code = LOCAL_BAD_RESPONSE if headers_sent else LOCAL_CONNECT_FAILED
-                    error = (code, f"{type(exc).__name__}: {exc}")
+                    error = (code, str(exc))
         except TimeoutError:
             ms = self.deadline * 1000
             error = (DEADLINE_EXCEEDED, f"deadline of {ms:.0f} ms passed; local request aborted")
@@ -336,8 +318,8 @@ class ForwardedRequest:
         try:
             if error is not None:
                 logger.debug("SynthTunnel request %s failed: %s", self.rid, error)
-                await send(resp_error(self.lease_id, self.rid, *error))
+                await send([encode(RespError(self.lease_id, self.rid, *error))])
             else:
-                await send(resp_end(self.lease_id, self.rid))
+                await send([encode(RespEnd(self.lease_id, self.rid))])
         except ConnectionClosed:
             return

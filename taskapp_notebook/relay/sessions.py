@@ -21,7 +21,9 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from .frames import (
+from ..tunnels.synthtunnel.batching import send_frames
+from ..tunnels.synthtunnel.codec import TextFrame, parse_agent_frame
+from ..tunnels.synthtunnel.protocol import (
     Attach,
     FrameError,
     RespBody,
@@ -29,7 +31,7 @@ from .frames import (
     RespError,
     RespHeaders,
     Unknown,
-    parse_agent_frame,
+    binary_agreed,
 )
 
 logger = logging.getLogger(__name__)
@@ -133,6 +135,8 @@ class AgentSession:
             cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None
         )
         self.malformed = 0
+        #: Binary body frames agreed at ATTACH (``protocol``: our agents offer them).
+        self.binary = binary_agreed(capabilities)
         self.closing = False
         self.detached = False
         addr = conn.remote_address
@@ -143,10 +147,14 @@ class AgentSession:
     def usable(self) -> bool:
         return not self.closing and self.conn.state is State.OPEN
 
-    async def send(self, text: str) -> None:
+    async def send(self, text: str | bytes | TextFrame) -> None:
         """Send one frame; raises AgentGoneError when the socket is closed."""
+        await self.send_many([text])
+
+    async def send_many(self, messages: list[str | bytes | TextFrame]) -> None:
+        """Send frames back to back (one write when small); AgentGoneError when closed."""
         try:
-            await self.conn.send(text)
+            await send_frames(self.conn, messages)
         except ConnectionClosed as exc:
             raise AgentGoneError(str(exc)) from None
 
@@ -172,7 +180,7 @@ class AgentSession:
         """Route one message from the agent. Returns an ATTACH for the caller to process;
         never raises."""
         try:
-            frame = parse_agent_frame(message)
+            frame = parse_agent_frame(message, binary=self.binary)
         except FrameError as exc:
             self._malformed(exc.reason, exc.rid)
             return None

@@ -1,7 +1,7 @@
 """SynthTunnel's lease API client: settings from the environment, create and delete leases.
 
 Compatible with Synth's hosted backend (``POST``/``DELETE /api/v1/synthtunnel/leases``)
-and with our own relay. See ``/work/shared/design/synthtunnel-protocol.md`` section 1.
+and with our own relay. See ``docs/synthtunnel-protocol.md`` section 1.
 
 Proxies: lease calls (and the agent's WebSocket) honour ``HTTPS_PROXY``/``NO_PROXY`` like
 the synth-ai SDK does, because notebooks behind a corporate proxy can only reach
@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from ..errors import TunnelError, mask_secret, scrub_secrets
+from ...errors import TunnelError, mask_secret, scrub_secrets
 
 logger = logging.getLogger(__name__)
 

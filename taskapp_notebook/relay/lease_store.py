@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .agents import AgentSession
+    from .sessions import AgentSession
 
 #: Route and agent tokens of ended leases remembered so their URL answers ``lease_expired``.
 MAX_TOMBSTONES = 10_000

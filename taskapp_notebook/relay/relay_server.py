@@ -1,35 +1,29 @@
-"""RelayServer: the relay's lifecycle on one port, on the caller's loop or in a thread."""
+"""RelayServer: the relay's lifecycle on one port, on the caller's loop or in a thread.
+
+It runs on the same lifecycle as the task app: ``server.ServerHandle`` (uvicorn on a socket
+we bound, event-driven start and stop, no signal capture) and, from sync code,
+``loops.LoopThread``.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import socket
-import threading
-from collections.abc import Generator, Iterable
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Self
 
-import uvicorn
-
 from ..errors import mask_secret
+from ..loops import LoopThread
+from ..server import ServerHandle
 from .app import RelayApp
 from .config import RelayConfig
 from .endpoint import AgentEndpoint
 from .state import RelayState
 
 logger = logging.getLogger(__name__)
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its signal handlers: the relay's owner decides what signals do
-    (a notebook kernel keeps its interrupt handler; the CLI installs its own)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
 
 
 def _url_host(host: str) -> str:
@@ -80,11 +74,9 @@ class RelayServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state: RelayState | None = None
         self._endpoint: AgentEndpoint | None = None
-        self._server: _Server | None = None
-        self._serve_task: asyncio.Task[None] | None = None
+        self._server: ServerHandle | None = None
         self._sweeper: asyncio.Task[None] | None = None
-        self._thread: threading.Thread | None = None
-        self._thread_stop: asyncio.Event | None = None
+        self._thread: LoopThread | None = None
 
     # -- properties ---------------------------------------------------------------------
 
@@ -95,7 +87,7 @@ class RelayServer:
 
     @property
     def running(self) -> bool:
-        return self._serve_task is not None
+        return self._server is not None
 
     @property
     def port(self) -> int:
@@ -138,7 +130,7 @@ class RelayServer:
 
     async def start(self) -> None:
         """Bind, start serving, and return once requests are accepted."""
-        if self.running or self._thread not in (None, threading.current_thread()):
+        if self.running:
             raise RuntimeError("This RelayServer is already running.")
         sock = self._bind()
         self._port = sock.getsockname()[1]
@@ -150,38 +142,27 @@ class RelayServer:
             )
         state = RelayState(self.config, self.api_keys, self.url)
         endpoint = AgentEndpoint(state)
-        server = _Server(
-            uvicorn.Config(
-                RelayApp(state),
-                http="h11",
-                ws=endpoint.protocol_class,
-                interface="asgi3",
-                lifespan="off",
-                log_config=None,
-                access_log=False,
-                proxy_headers=False,
-                server_header=False,
-                date_header=False,
-                timeout_graceful_shutdown=5,
-                ws_max_size=self.config.max_message_bytes,
-            )
+        server = ServerHandle(
+            RelayApp(state),
+            sock,
+            graceful_timeout=5.0,
+            timeout_keep_alive=self.config.keep_alive_timeout,
+            ws=endpoint.protocol_class,
+            interface="asgi3",
+            lifespan="off",
+            proxy_headers=False,
+            server_header=False,
+            date_header=False,
+            ws_max_size=self.config.max_message_bytes,
         )
-        task = asyncio.create_task(server.serve(sockets=[sock]), name="taskapp-relay")
         try:
-            while not server.started:
-                if task.done():
-                    raise RuntimeError(f"The relay failed to start on {self.local_url}.") from (
-                        task.exception()
-                    )
-                await asyncio.sleep(0.01)
+            await server.start()
         except BaseException:
-            server.should_exit = True
-            await asyncio.wait([task], timeout=5)
-            sock.close()
+            await server.stop()
             self._port = None
             raise
         self._loop = asyncio.get_running_loop()
-        self._state, self._endpoint, self._server, self._serve_task = state, endpoint, server, task
+        self._state, self._endpoint, self._server = state, endpoint, server
         self._sweeper = asyncio.create_task(state.sweep_forever(), name="taskapp-relay-sweeper")
         logger.info(
             "SynthTunnel relay on %s (advertised %s, %d API key(s): %s)",
@@ -193,15 +174,15 @@ class RelayServer:
 
     async def stop(self) -> None:
         """Close agent sockets (1001), fail what is in flight, stop serving. Idempotent."""
-        task, server, state, endpoint = self._serve_task, self._server, self._state, self._endpoint
-        if task is None or server is None or state is None or endpoint is None:
+        server, state, endpoint = self._server, self._state, self._endpoint
+        if server is None or state is None or endpoint is None:
             return
         if asyncio.get_running_loop() is not self._loop:
             raise RuntimeError(
                 "stop() must run on the loop the relay started on; "
                 "use stop_in_thread() for a relay started with start_in_thread()."
             )
-        self._serve_task = None
+        self._server = None
         endpoint.server.accepting = False
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -210,13 +191,9 @@ class RelayServer:
             await state.aclose()
             await endpoint.aclose()
         finally:
-            server.should_exit = True
-            _, pending = await asyncio.wait([task], timeout=10)
-            if pending:
-                server.force_exit = True
-                await asyncio.wait([task], timeout=5)
+            await server.stop()
             self._port = None
-            self._state = self._endpoint = self._server = self._sweeper = None
+            self._state = self._endpoint = self._sweeper = None
             logger.info("SynthTunnel relay stopped")
 
     async def __aenter__(self) -> Self:
@@ -237,52 +214,24 @@ class RelayServer:
         """Run the relay on its own loop in a daemon thread; return once it serves."""
         if self.running or self._thread is not None:
             raise RuntimeError("This RelayServer is already running.")
-        ready = threading.Event()
-        errors: list[BaseException] = []
-        thread = threading.Thread(
-            target=asyncio.run,
-            args=(self._thread_main(ready, errors),),
-            name="taskapp-relay",
-            daemon=True,
-        )
-        self._thread = thread
-        thread.start()
-        if not ready.wait(timeout):
+        thread = self._thread = LoopThread("taskapp-relay")
+        try:
+            thread.submit(self.start()).result(timeout)
+        except BaseException:
             self.stop_in_thread()
-            raise RuntimeError(f"The relay thread did not start within {timeout}s.")
-        if errors:
-            thread.join(timeout)
-            self._thread = None
-            raise errors[0]
+            raise
         return self
-
-    async def _thread_main(self, ready: threading.Event, errors: list[BaseException]) -> None:
-        try:
-            await self.start()
-        except BaseException as exc:
-            errors.append(exc)
-            ready.set()
-            return
-        self._thread_stop = asyncio.Event()
-        ready.set()
-        try:
-            await self._thread_stop.wait()
-        finally:
-            await self.stop()
 
     def stop_in_thread(self, timeout: float = 15.0) -> None:
         """Stop a relay started with :meth:`start_in_thread` and join its thread."""
-        thread, loop, event = self._thread, self._loop, self._thread_stop
+        thread, self._thread = self._thread, None
         if thread is None:
             return
-        if loop is not None and event is not None:
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                loop.call_soon_threadsafe(event.set)
-        thread.join(timeout)
-        if thread.is_alive():
-            logger.warning("The relay thread did not stop within %.0fs", timeout)
-        self._thread = None
-        self._thread_stop = None
+        try:
+            if not thread.loop.is_closed():
+                thread.submit(self.stop()).result(timeout)
+        finally:
+            thread.close(timeout)
 
     def __enter__(self) -> Self:
         return self.start_in_thread()

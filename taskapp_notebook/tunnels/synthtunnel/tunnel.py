@@ -1,9 +1,9 @@
 """SynthTunnel backend: lease a public URL from a SynthTunnel relay and serve it from here.
 
-Lifecycle of :class:`SynthTunnel` (protocol: ``/work/shared/design/synthtunnel-protocol.md``):
+Lifecycle of :class:`SynthTunnel` (protocol: ``docs/synthtunnel-protocol.md``):
 
 - ``preflight`` reads ``SYNTH_API_KEY`` / ``SYNTH_BACKEND_URL`` / ``SYNTH_TUNNEL_TIMEOUT_SEC``.
-- ``open`` POSTs a lease, connects its agent (``synthtunnel_agent``) and ATTACHes.
+- ``open`` POSTs a lease, connects its agent (``agent``) and ATTACHes.
 - A renewal task POSTs again at 80 % of the TTL (or at once when the relay refuses the
   agent token), with ``renew_lease_id`` (our relay then extends the same lease: same
   ``lease_id`` and URL, nothing else to do; the field is dropped if a relay answers 400/422
@@ -25,16 +25,16 @@ from typing import Any
 
 import httpx
 
-from ..errors import TunnelError, mask_secret
-from .base import TunnelContext, TunnelState, TunnelStatus
-from .synthtunnel_agent import LeaseAgent
-from .synthtunnel_forward import (
+from ...errors import TunnelError, mask_secret
+from ..base import TunnelContext, TunnelState, TunnelStatus
+from .agent import LeaseAgent
+from .forward import (
     AGENT_BUFFER_BYTES,
     BODY_STALL_TIMEOUT,
     REQUEST_BUFFER_BYTES,
     check_body_bounds,
 )
-from .synthtunnel_leases import (
+from .lease_client import (
     DEFAULT_TTL_SECONDS,
     Lease,
     LeaseClient,
@@ -43,6 +43,7 @@ from .synthtunnel_leases import (
     client_instance_id,
     is_loopback_url,
 )
+from .local_http import LocalHTTP
 
 logger = logging.getLogger(__name__)
 
@@ -84,14 +85,14 @@ class SynthTunnel:
         self.ping_timeout = ping_timeout
         self.drain_timeout = drain_timeout
         self.delete_timeout = delete_timeout
-        #: Bounds on buffered request bodies (see ``synthtunnel_forward``).
+        #: Bounds on buffered request bodies (see ``forward``).
         self.request_buffer_bytes = request_buffer_bytes
         self.agent_buffer_bytes = agent_buffer_bytes
         self.body_stall_timeout = body_stall_timeout
         self._settings: LeaseSettings | None = None
         self._leases: LeaseClient | None = None
         self._ctx: TunnelContext | None = None
-        self._http: httpx.AsyncHTTPTransport | None = None
+        self._http: LocalHTTP | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._agents: list[LeaseAgent] = []
         self._agent: LeaseAgent | None = None
@@ -142,14 +143,11 @@ class SynthTunnel:
         try:
             settings = self._settings or LeaseSettings.from_env()
             self._leases = LeaseClient(settings)
-            # A bare transport, not an AsyncClient: no default headers (the caller's are
-            # forwarded), no redirects, and no cookie jar -- a client's jar would keep the
-            # app's Set-Cookie from one caller's response and send it with every later
-            # caller's request. It also skips the client's per-request auth/redirect/cookie
-            # layers (~15 % of the agent's CPU per request). Timeouts: see ``forward``.
-            self._http = httpx.AsyncHTTPTransport(
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
-            )
+            # Our own keep-alive client (``local_http``): no default headers (the caller's
+            # are forwarded), no redirects, no cookie jar (a jar would keep the app's
+            # Set-Cookie from one caller's response and send it with every later caller's
+            # request), and none of a general client's per-request layers.
+            self._http = LocalHTTP(self._local_host(), ctx.local_port)
             lease = await self._leases.create(
                 client_id=client_instance_id(),
                 host=self._local_host(),
@@ -180,7 +178,6 @@ class SynthTunnel:
         agent = LeaseAgent(
             lease,
             agent_id=client_instance_id(),
-            local_url=self._ctx.local_url,
             local_host=self._local_host(),
             local_port=self._ctx.local_port,
             api_key=self._ctx.api_key,

@@ -2,10 +2,10 @@
 
 ``LeaseAgent.connect()`` opens the WebSocket and ATTACHes; ``start()`` runs the receive loop
 as a task that reconnects (0.25, 0.5, 1, 2, 4, then every 5 s) until ``close()``. Each
-request is a task (``synthtunnel_forward``); ``max_inflight`` and CANCEL are enforced here,
+request is a task (``forward``); ``max_inflight`` and CANCEL are enforced here,
 and so are the bounds on buffered request bodies: a REQ_BODY that does not fit makes the
 receive loop wait for the app at most ``body_stall_timeout``, then the request with the
-most buffered bytes fails with ``REQUEST_BODY_OVERFLOW`` (why: ``synthtunnel_forward``).
+most buffered bytes fails with ``REQUEST_BODY_OVERFLOW`` (why: ``forward``).
 """
 
 from __future__ import annotations
@@ -13,21 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
-import json
 import logging
-import random
 import socket
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
-import httpx
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
 
-from ..errors import TunnelError
-from .base import TunnelState
-from .synthtunnel_forward import (
+from ...errors import TunnelError
+from ..base import TunnelState
+from .attach import LeaseRejectedError, backoff, open_attached
+from .batching import send_frames
+from .codec import encode, parse_relay_frame
+from .forward import (
     AGENT_BUFFER_BYTES,
     BODY_STALL_TIMEOUT,
     REQUEST_BUFFER_BYTES,
@@ -35,51 +33,24 @@ from .synthtunnel_forward import (
     ForwardedRequest,
     check_body_bounds,
 )
-from .synthtunnel_frames import (
+from .lease_client import Lease
+from .local_http import LocalHTTP
+from .protocol import (
     AGENT_OVERLOADED,
     BAD_REQUEST_FRAME,
-    MAX_MESSAGE_BYTES,
     REQUEST_BODY_OVERFLOW,
+    Cancel,
     FrameError,
-    attach,
-    b64decode,
-    dumps,
-    loads,
-    resp_error,
+    ReqBody,
+    ReqEnd,
+    ReqHeaders,
+    RespError,
 )
-from .synthtunnel_leases import Lease, scrub
 
 logger = logging.getLogger(__name__)
 
-ATTACH_ACK_TIMEOUT = 10.0
 #: Report DOWN after this long without a working connection.
 DOWN_AFTER = 30.0
-#: Statuses of a refused WebSocket handshake meaning the lease itself is gone.
-_LEASE_GONE = frozenset({401, 403, 404, 410})
-
-
-def backoff(jitter: float = 0.2) -> Iterator[float]:
-    """Reconnect delays: about 0.25, 0.5, 1, 2, 4, then 5 s forever, each spread by up to
-    ``jitter`` (±20 %) so many agents cut off by one relay restart do not return in step."""
-    for delay in itertools.chain((0.25, 0.5, 1.0, 2.0, 4.0), itertools.repeat(5.0)):
-        yield delay * (1.0 + random.uniform(-jitter, jitter))
-
-
-class LeaseRejectedError(TunnelError):
-    """The relay refused the agent token (the lease expired or was deleted)."""
-
-
-def _problem_text(body: bytes | bytearray | None) -> str:
-    if not body:
-        return ""
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return bytes(body[:300]).decode("utf-8", "replace")
-    if isinstance(data, dict):
-        parts = [f"{k}={data[k]!r:.300}" for k in ("code", "detail") if data.get(k)]
-        return ", ".join(parts)
-    return ""
 
 
 class LeaseAgent:
@@ -90,11 +61,10 @@ class LeaseAgent:
         lease: Lease,
         *,
         agent_id: str,
-        local_url: str,
         local_host: str,
         local_port: int,
         api_key: str,
-        http: httpx.AsyncBaseTransport,
+        http: LocalHTTP,
         max_inflight: int,
         ping_interval: float,
         ping_timeout: float,
@@ -110,7 +80,6 @@ class LeaseAgent:
         check_body_bounds(request_buffer_bytes, agent_buffer_bytes, body_stall_timeout)
         self.lease = lease
         self.agent_id = agent_id
-        self.local_base = httpx.URL(local_url)
         self.local_host = local_host
         self.local_port = local_port
         self.api_key = api_key
@@ -140,6 +109,8 @@ class LeaseAgent:
         self._idle = asyncio.Event()
         self._idle.set()
         self._ws: ClientConnection | None = None
+        #: Binary body frames agreed on the current connection.
+        self.binary = False
         self._run_task: asyncio.Task[None] | None = None
         self._closing = False
         self._draining = False
@@ -154,70 +125,18 @@ class LeaseAgent:
 
     async def connect(self) -> ClientConnection:
         """Open the WebSocket, send ATTACH, wait for ATTACH_ACK. TunnelError on failure."""
-        where = f"SynthTunnel relay {self.lease.agent_url!r}"
-        # Compression: websockets' default offer of permessage-deflate is kept on purpose.
-        # The relay decides. Over the internet it pays: base64 of JSON bodies deflates to
-        # ~6 % at ~125 MB/s, far above an uplink. Base64 of random/binary data only shrinks
-        # to ~77 % at ~17-24 MB/s, which would cap loopback throughput -- but our own relay
-        # (taskapp_notebook.relay) does not negotiate it, so loopback pays nothing.
-        try:
-            ws = await connect(
-                self.lease.agent_url,
-                additional_headers={"Authorization": f"Bearer {self.lease.agent_token}"},
-                max_size=MAX_MESSAGE_BYTES,
-                ping_interval=self.ping_interval,
-                ping_timeout=self.ping_timeout,
-                open_timeout=self.open_timeout,
-                close_timeout=1.0,
-                proxy=True if self.use_proxy else None,
-            )
-        except InvalidStatus as exc:
-            status = exc.response.status_code
-            problem = _problem_text(exc.response.body)
-            message = f"{where} refused the agent: HTTP {status}" + (
-                f" ({problem})" if problem else ""
-            )
-            error_cls = LeaseRejectedError if status in _LEASE_GONE else TunnelError
-            raise error_cls(scrub(message, self._secrets())) from None
-        except (OSError, TimeoutError, WebSocketException, ImportError) as exc:
-            # ImportError: a SOCKS proxy in the environment without python-socks installed.
-            message = f"Could not connect to {where}: {type(exc).__name__}: {exc}"
-            raise TunnelError(scrub(message, self._secrets())) from None
-        try:
-            frame = attach(
-                self.agent_id,
-                [(self.lease.lease_id, self.local_host, self.local_port)],
-                self.max_inflight,
-            )
-            await ws.send(dumps(frame))
-            async with asyncio.timeout(ATTACH_ACK_TIMEOUT):
-                ack = await ws.recv()
-            try:
-                reply = loads(ack)
-            except FrameError:
-                reply = {"type": None}
-            if reply.get("type") != "ATTACH_ACK":
-                detail = reply.get("detail") or reply.get("message") or ""
-                raise TunnelError(
-                    scrub(
-                        f"{where} answered ATTACH with {reply.get('type')!r} instead of ATTACH_ACK"
-                        + (f": {detail!r:.300}" if detail else ""),
-                        self._secrets(),
-                    )
-                )
-        except TimeoutError:
-            await ws.close()
-            raise TunnelError(
-                f"{where} did not acknowledge ATTACH within {ATTACH_ACK_TIMEOUT:g}s."
-            ) from None
-        except ConnectionClosed as exc:
-            await ws.close()
-            raise TunnelError(
-                scrub(f"{where} closed the connection during ATTACH: {exc}", self._secrets())
-            ) from None
-        except BaseException:
-            await ws.close()
-            raise
+        ws, self.binary = await open_attached(
+            self.lease,
+            agent_id=self.agent_id,
+            local_host=self.local_host,
+            local_port=self.local_port,
+            max_inflight=self.max_inflight,
+            ping_interval=self.ping_interval,
+            ping_timeout=self.ping_timeout,
+            open_timeout=self.open_timeout,
+            use_proxy=self.use_proxy,
+            secrets=self._secrets(),
+        )
         logger.info("SynthTunnel agent attached lease %s", self.lease.lease_id)
         return ws
 
@@ -312,81 +231,89 @@ class LeaseAgent:
 
     # -- frames -----------------------------------------------------------------------
 
-    async def _send(self, ws: ClientConnection, frame: dict[str, Any] | str) -> None:
-        await ws.send(frame if isinstance(frame, str) else dumps(frame))
+    async def _send(self, ws: ClientConnection, message: str | bytes) -> None:
+        await ws.send(message)
 
     async def _serve(self, ws: ClientConnection) -> None:
         async for message in ws:
             try:
-                frame = loads(message)
+                frame = parse_relay_frame(message, binary=self.binary)
             except FrameError as exc:
-                logger.debug("SynthTunnel: skipping message (%s)", exc)
+                if exc.rid is None:
+                    logger.debug("SynthTunnel: skipping message (%s)", exc)
+                else:
+                    await self._bad_frame(ws, exc)
                 continue
-            kind = frame["type"]
-            logger.debug("SynthTunnel frame %s rid=%r", kind, frame.get("rid"))
-            if kind == "REQ_HEADERS":
+            if isinstance(frame, ReqHeaders):
                 await self._on_headers(ws, frame)
-            elif kind in ("REQ_BODY", "REQ_END", "CANCEL"):
-                await self._on_request_frame(ws, kind, frame)
+            elif isinstance(frame, ReqBody | ReqEnd | Cancel):
+                await self._on_request_frame(ws, frame)
             else:
-                logger.debug("SynthTunnel: skipping unknown frame type %r", kind)
+                logger.debug("SynthTunnel: skipping %s frame", type(frame).__name__)
 
-    async def _on_headers(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
-        lease_id, rid = frame.get("lease_id"), frame.get("rid")
-        if not isinstance(lease_id, str) or not lease_id or not isinstance(rid, str) or not rid:
-            logger.debug("SynthTunnel: dropping REQ_HEADERS without lease_id/rid")
+    async def _bad_frame(self, ws: ClientConnection, exc: FrameError) -> None:
+        """Answer a broken request frame with BAD_REQUEST_FRAME and forget its request."""
+        assert exc.rid is not None
+        request = self.inflight.get(exc.rid)
+        if request is not None:
+            self._finish(request)
+            lease_id = request.lease_id
+        elif exc.lease_id is not None and exc.rid not in self.inflight:
+            lease_id = exc.lease_id  # a broken REQ_HEADERS
+        else:
+            logger.debug("SynthTunnel: dropping bad frame for unknown rid %r", exc.rid)
             return
+        await self._send(ws, encode(RespError(lease_id, exc.rid, BAD_REQUEST_FRAME, exc.reason)))
+
+    async def _on_headers(self, ws: ClientConnection, frame: ReqHeaders) -> None:
+        lease_id, rid = frame.lease_id, frame.rid
         if rid in self.inflight:
             logger.debug("SynthTunnel: dropping REQ_HEADERS for in-flight rid %r", rid)
             return
         if len(self.inflight) >= self.max_inflight:
             message = f"agent has {len(self.inflight)} requests in flight (max_inflight)"
-            await self._send(ws, resp_error(lease_id, rid, AGENT_OVERLOADED, message))
+            await self._send(ws, encode(RespError(lease_id, rid, AGENT_OVERLOADED, message)))
             return
         try:
             request = ForwardedRequest.from_frame(
                 frame,
-                lease_id=lease_id,
-                rid=rid,
-                local=self.local_base,
                 api_key=self.api_key,
                 budget=self.body_budget,
                 max_buffered=self.request_buffer_bytes,
             )
         except FrameError as exc:
-            await self._send(ws, resp_error(lease_id, rid, BAD_REQUEST_FRAME, str(exc)))
+            await self._send(ws, encode(RespError(lease_id, rid, BAD_REQUEST_FRAME, str(exc))))
             return
         self.inflight[rid] = request
         self._idle.clear()
         request.task = asyncio.get_running_loop().create_task(self._forward(ws, request))
 
     async def _on_request_frame(
-        self, ws: ClientConnection, kind: str, frame: dict[str, Any]
+        self, ws: ClientConnection, frame: ReqBody | ReqEnd | Cancel
     ) -> None:
-        rid = frame.get("rid")
-        request = self.inflight.get(rid) if isinstance(rid, str) else None
+        request = self.inflight.get(frame.rid)
         if request is None:
-            logger.debug("SynthTunnel: dropping %s for unknown rid %r", kind, rid)
+            logger.debug(
+                "SynthTunnel: dropping %s for unknown rid %r", type(frame).__name__, frame.rid
+            )
             return
-        if kind == "CANCEL":
+        if isinstance(frame, Cancel):
             self._finish(request)
             logger.debug("SynthTunnel: request %s cancelled by the relay", request.rid)
             return
         try:
-            if kind == "REQ_BODY":
+            if isinstance(frame, ReqBody):
                 request.check_body()
-                data = b64decode(frame.get("chunk_b64"))
-                if not self._fits(request, len(data)) and not await self._make_room(
-                    ws, request, len(data)
-                ):
+                size = len(frame.data)
+                if not self._fits(request, size) and not await self._make_room(ws, request, size):
                     return  # the request ended or was failed meanwhile: drop the chunk
-                request.feed(data)
+                request.feed(frame.data)
             else:
                 request.end()
         except FrameError as exc:
             self._finish(request)
             await self._send(
-                ws, resp_error(request.lease_id, request.rid, BAD_REQUEST_FRAME, f"{kind}: {exc}")
+                ws, encode(RespError(request.lease_id, request.rid, BAD_REQUEST_FRAME, str(exc)))
             )
 
     def _fits(self, request: ForwardedRequest, size: int) -> bool:
@@ -427,7 +354,7 @@ class LeaseAgent:
         logger.info("SynthTunnel request %s: %s", request.rid, message)
         self._finish(request)
         await self._send(
-            ws, resp_error(request.lease_id, request.rid, REQUEST_BODY_OVERFLOW, message)
+            ws, encode(RespError(request.lease_id, request.rid, REQUEST_BODY_OVERFLOW, message))
         )
 
     def _finish(self, request: ForwardedRequest) -> None:
@@ -449,6 +376,8 @@ class LeaseAgent:
         configured = self.lease.limits.get("max_response_bytes")
         limit = configured if isinstance(configured, int) and configured > 0 else None
         try:
-            await request.run(self.http, functools.partial(self._send, ws), limit)
+            await request.run(
+                self.http, functools.partial(send_frames, ws), limit, binary=self.binary
+            )
         finally:
             self._finish(request)
