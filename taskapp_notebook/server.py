@@ -121,6 +121,11 @@ class _CoalescedWrites:
         self.flush()
         self._transport.write_eof()
 
+    def unwrap(self) -> asyncio.Transport:
+        """Send what is held and give back the real transport (for a WebSocket upgrade)."""
+        self.flush()
+        return self._transport
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 
@@ -141,8 +146,7 @@ class CoalescingH11Protocol(H11Protocol):
 def _unwrap(protocol: Any) -> None:
     held = protocol.transport
     if isinstance(held, _CoalescedWrites):
-        held.flush()
-        protocol.transport = held._transport
+        protocol.transport = held.unwrap()
 
 
 @functools.cache

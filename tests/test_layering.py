@@ -9,7 +9,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "taskapp_notebook"
 #: Attributes of objects that are not ours (asyncio's transport internals).
-FOREIGN_PRIVATE = {("tunnels/synthtunnel_agent.py", "_sock")}
+FOREIGN_PRIVATE = {("tunnels/synthtunnel/agent.py", "_sock")}
 #: namedtuple methods (urllib's SplitResult._replace, ...) are public despite the underscore.
 NAMEDTUPLE_API = {"_replace", "_asdict", "_fields", "_make"}
 

@@ -132,9 +132,9 @@ class Response:
         """Give the connection back for reuse if the exchange completed, else close it."""
         conn = self._conn
         if self._done and self._reusable and not conn.closed and not conn.buffer:
-            self._client._release(conn)
+            self._client.release_connection(conn)
         else:
-            self._client._discard(conn)
+            self._client.discard_connection(conn)
 
 
 class LocalHTTP:
@@ -171,18 +171,18 @@ class LocalHTTP:
                 conn.reused = True
                 conn.begin()
                 return conn
-            self._discard(conn)
+            self.discard_connection(conn)
         conn = await self._connect()
         conn.reused = False
         return conn
 
-    def _release(self, conn: Connection) -> None:
+    def release_connection(self, conn: Connection) -> None:
         conn.idle_since = time.monotonic()
         if len(self._idle) >= MAX_IDLE:
-            self._discard(self._idle.pop(0))
+            self.discard_connection(self._idle.pop(0))
         self._idle.append(conn)
 
-    def _discard(self, conn: Connection) -> None:
+    def discard_connection(self, conn: Connection) -> None:
         conn.abort()
         self._open.discard(conn)
 
@@ -226,13 +226,13 @@ class LocalHTTP:
                     await conn.write(body)
                 return await self._response(conn, method)
             except LocalHTTPError as exc:
-                self._discard(conn)
+                self.discard_connection(conn)
                 if attempt == 1 and conn.reused and not exc.response_started:
                     self.retries += 1  # a stale keep-alive connection: it never got there
                     continue
                 raise
             except BaseException:
-                self._discard(conn)
+                self.discard_connection(conn)
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -254,7 +254,7 @@ class LocalHTTP:
         except BaseException:
             if sender is not None:
                 sender.cancel()
-            self._discard(conn)
+            self.discard_connection(conn)
             raise
 
     async def _send_chunked(
