@@ -109,7 +109,7 @@ class AdapterRig:
         from taskapp_notebook.gepa.adapter import TaskAppAdapter
         from taskapp_notebook.gepa.interceptor import Interceptor
         from taskapp_notebook.gepa.ledger import RunLedger
-        from taskapp_notebook.gepa.options import Upstream, build_options
+        from taskapp_notebook.gepa.run_options import Upstream, build_options
         from taskapp_notebook.progress import RunProgress
 
         self.options = build_options(
@@ -130,7 +130,7 @@ class AdapterRig:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def rate(self, n: int) -> float:
-        from taskapp_notebook.gepa.options import TaskExample
+        from taskapp_notebook.gepa.run_options import TaskExample
 
         batch = [TaskExample("train", i, seed=i) for i in range(n)]
         t0 = time.perf_counter()
@@ -213,7 +213,7 @@ def measure_interceptor(model_url: str, repeats: int) -> str:
     """The app's model call straight to the model vs through the interceptor, both from the
     loop the interceptor serves on (a run puts it on the in-process app's loop)."""
     from taskapp_notebook.gepa.interceptor import Interceptor
-    from taskapp_notebook.gepa.options import Upstream
+    from taskapp_notebook.gepa.run_options import Upstream
 
     async def one_run() -> dict[str, float]:
         http = Interceptor(Upstream(model_url))

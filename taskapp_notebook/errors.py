@@ -7,6 +7,8 @@ every exception class in the package is drawn here, under its real parent)::
 
     TaskAppError
     ├── InvalidParameterError     (ValueError)         bad argument to InProcessTaskApp
+    │   └── JobConfigError                             a job config the backend refuses
+    │                                                  (jobs.job_config)
     ├── TaskAppNotFoundError      (FileNotFoundError)  task_app_path does not exist
     ├── TaskAppLoadError          (ValueError)         a module that defines no app/config
     ├── StartError                (RuntimeError)       the app could not be started
@@ -20,8 +22,19 @@ every exception class in the package is drawn here, under its real parent)::
     │       │                                          (tunnels.synthtunnel.lease_client)
     │       └── LeaseRejectedError                     the relay refused the agent token
     │                                                  (tunnels.synthtunnel.attach)
-    └── JobError                  (RuntimeError)       a job refused or unreadable (jobs)
-        └── JobTimeoutError       (TimeoutError)       no terminal status in time (jobs)
+    ├── JobError                  (RuntimeError)       a job refused or unreadable
+    │   │                                              (jobs.backend)
+    │   └── JobTimeoutError       (TimeoutError)       no terminal status in time
+    │                                                  (jobs.backend)
+    └── GepaError                                      a local GEPA run (gepa.exceptions)
+        ├── GepaParameterError    (ValueError)         a bad argument, before anything
+        │                                              starts (gepa.exceptions)
+        ├── GepaNotInstalledError (ImportError)        the gepa extra is missing
+        │                                              (gepa.exceptions)
+        ├── DeadlockError         (RuntimeError)       a blocking call on the app's loop
+        │                                              (gepa.exceptions)
+        └── GepaRunError          (RuntimeError)       the run failed; .result has what it
+                                                       found (gepa.exceptions)
 
 Internal: raised and handled inside the package, never seen by a user::
 
@@ -39,6 +52,11 @@ Internal: raised and handled inside the package, never seen by a user::
                                                        (tunnels.synthtunnel.http_connection)
     HelpRequested                 (Exception)          ``%taskapp -h``: print the help
                                                        (notebook.options)
+    AppUnavailable                (Exception)          a GEPA rollout found the task app
+                                                       gone (gepa.adapter)
+    RunInterrupted                (BaseException)      ends a GEPA run from inside gepa's
+                                                       engine, which catches Exception
+                                                       (gepa.adapter)
 
 Messages say what failed, why, and what to do, with user values in ``!r``.
 """

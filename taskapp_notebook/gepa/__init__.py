@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from .exceptions import (
     DeadlockError,
     GepaError,
     GepaNotInstalledError,
@@ -25,10 +25,10 @@ from .errors import (
 if TYPE_CHECKING:
     from .api import optimize, start_gepa
     from .interceptor import Interceptor, apply_candidate
-    from .options import Upstream
     from .reflection import ChatCompletionsLM
     from .results import GepaResult
     from .run import GepaRun, stop_all_runs
+    from .run_options import Upstream
 
 __all__ = [
     "ChatCompletionsLM",

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import scrub_secrets
 from .interceptor import Interceptor, ModelCall
 from .ledger import RunLedger
-from .options import RunOptions, TaskExample
+from .run_options import RunOptions, TaskExample
 from .target import AppTarget
 
 if TYPE_CHECKING:

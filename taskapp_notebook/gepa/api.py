@@ -8,11 +8,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import GepaParameterError, require_gepa
-from .options import ModelFunction, RunOptions, Upstream, build_options, check_http_url
+from .exceptions import GepaParameterError, require_gepa
 from .reflection import resolve_reflection_lm
 from .results import GepaResult
 from .run import GepaRun, active_runs, check_can_block
+from .run_options import ModelFunction, RunOptions, Upstream, build_options, check_http_url
 from .target import resolve_target
 
 logger = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import scrub_secrets
-from .options import SYSTEM_COMPONENT, ModelFunction, Upstream
+from .run_options import SYSTEM_COMPONENT, ModelFunction, Upstream
 
 if TYPE_CHECKING:
     import httpx

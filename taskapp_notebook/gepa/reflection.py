@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import mask_secret, scrub_secrets
-from .errors import GepaError, GepaParameterError
-from .options import check_http_url
+from .exceptions import GepaError, GepaParameterError
+from .run_options import check_http_url
 
 if TYPE_CHECKING:
     import httpx

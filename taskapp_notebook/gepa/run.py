@@ -31,12 +31,12 @@ from ..errors import scrub_secrets
 from ..loops import LoopThread, running_loop
 from ..progress import RunProgress
 from .adapter import RunInterrupted, TaskAppAdapter
-from .errors import DeadlockError, GepaRunError
+from .exceptions import DeadlockError, GepaRunError
 from .interceptor import Interceptor
 from .ledger import RunLedger, candidate_id
-from .options import ModelFunction, RunOptions, Upstream
 from .reflection import ReflectionGuard, reflection_usage
 from .results import GepaResult, append_calls, candidate_records, usage_totals, write_result
+from .run_options import ModelFunction, RunOptions, Upstream
 from .target import AppTarget
 
 if TYPE_CHECKING:

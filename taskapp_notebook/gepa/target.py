@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import GepaParameterError
-from .options import check_http_url
+from .exceptions import GepaParameterError
+from .run_options import check_http_url
 
 if TYPE_CHECKING:
     import asyncio

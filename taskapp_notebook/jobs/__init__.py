@@ -15,9 +15,9 @@ wire is documented in ``docs/hosted-jobs-wire.md``. Modules::
 from __future__ import annotations
 
 from .backend import JobError, JobTimeoutError, resolve_backend_url, resolve_job_host
-from .config import JobConfigError, merge_dot_overrides
 from .handle import HostedJob, InProcessJobResult
-from .run import run_in_process_job, run_in_process_job_sync, submit_and_poll_job
+from .in_process import run_in_process_job, run_in_process_job_sync, submit_and_poll_job
+from .job_config import JobConfigError, merge_dot_overrides
 
 __all__ = [
     "HostedJob",

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import mask_secret
-from .errors import GepaParameterError
+from .exceptions import GepaParameterError
 
 #: The component the interceptor swaps into the system message (see interceptor.py).
 SYSTEM_COMPONENT = "system_prompt"

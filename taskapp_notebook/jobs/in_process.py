@@ -28,10 +28,10 @@ from .backend import (
     resolve_backend_url,
     resolve_job_host,
 )
-from .config import JobSpec, build_job_spec, load_job_config, merge_dot_overrides
 from .events import JobEventFeed, final_state, map_strings
 from .follow import follow_job
 from .handle import HostedJob, InProcessJobResult
+from .job_config import JobSpec, build_job_spec, load_job_config, merge_dot_overrides
 
 if TYPE_CHECKING:
     from ..runner import ServeOn
