@@ -52,7 +52,7 @@ _LAZY = {
     "GepaResult": ".results",
     "GepaRun": ".run",
     "Interceptor": ".interceptor",
-    "Upstream": ".options",
+    "Upstream": ".run_options",
     "apply_candidate": ".interceptor",
     "optimize": ".api",
     "start_gepa": ".api",
