@@ -18,6 +18,7 @@ from ..errors import mask_secret
 from .app import RelayApp
 from .config import RelayConfig
 from .endpoint import AgentEndpoint
+from .limits import ConnectionGuard, uvicorn_options
 from .state import RelayState
 
 logger = logging.getLogger(__name__)
@@ -148,13 +149,20 @@ class RelayServer:
                 "public_url (--public-url) so remote agents and callers reach it",
                 self.local_url,
             )
-        state = RelayState(self.config, self.api_keys, self.url)
+        try:
+            state = RelayState(self.config, self.api_keys, self.url)
+        except BaseException:
+            sock.close()
+            self._port = None
+            raise
         endpoint = AgentEndpoint(state)
+        # Connection limits (see limits.py): header deadline, connection cap, fd shedding.
+        guard = ConnectionGuard.from_config(self.config)
+        sock = guard.listener(sock)
         server = _Server(
             uvicorn.Config(
                 RelayApp(state),
-                http="h11",
-                ws=endpoint.protocol_class,
+                **uvicorn_options(guard, endpoint.protocol_class),
                 interface="asgi3",
                 lifespan="off",
                 log_config=None,
@@ -178,6 +186,7 @@ class RelayServer:
             server.should_exit = True
             await asyncio.wait([task], timeout=5)
             sock.close()
+            state.close_store()
             self._port = None
             raise
         self._loop = asyncio.get_running_loop()
