@@ -6,6 +6,7 @@ Every limit is documented in ``docs/relay.md`` (safe defaults for a relay on the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from os import PathLike
 
 from .frames import MAX_MESSAGE_BYTES
 
@@ -48,11 +49,11 @@ class RelayConfig:
     #: At the cap, idle connections and ones still sending headers are closed oldest first.
     max_connections: int | None = None
     #: SQLite file that keeps leases across restarts; None keeps them in memory only.
-    state_path: str | None = None
+    state_path: str | PathLike[str] | None = None
 
     def __post_init__(self) -> None:
         if self.state_path is not None and not (
-            isinstance(self.state_path, str) and self.state_path.strip()
+            isinstance(self.state_path, str | PathLike) and str(self.state_path).strip()
         ):
             raise ValueError(
                 f"RelayConfig.state_path must be a file path or None, got {self.state_path!r}."

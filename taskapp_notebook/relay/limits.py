@@ -165,6 +165,7 @@ class ConnectionGuard:
                 super().__init__(*args, **kwargs)
                 self.logger = _QuietAborts(self.logger, {})  # type: ignore[assignment]
                 self._deadline: asyncio.TimerHandle | None = None
+                self._upgraded = False
 
             def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
                 super().connection_made(transport)
@@ -186,11 +187,12 @@ class ConnectionGuard:
 
             def handle_websocket_upgrade(self, event: Any) -> None:
                 self._disarm()
+                self._upgraded = True  # the transport is the WebSocket protocol's now
                 guard.adopt(self.transport)
                 super().handle_websocket_upgrade(event)
 
             def _update(self) -> None:
-                if self.transport.is_closing():
+                if self._upgraded or self.transport.is_closing():
                     return
                 if self.cycle is not None and not self.cycle.response_complete:
                     guard.busy(self.transport)  # being served
@@ -281,6 +283,7 @@ class SheddingListener(socket.socket):
             raise BlockingIOError(errno.EAGAIN, "connections shed") from None
 
     def _shed(self) -> bool:
+        """Accept and close what waits, using the spare fd; False when there is no spare."""
         if self._spare is None:
             self._spare = self._take_spare()
             if self._spare is None:
@@ -297,9 +300,11 @@ class SheddingListener(socket.socket):
             pass  # nothing more waiting (or out of descriptors again)
         finally:
             self._spare = self._take_spare()
-        self._guard.shed += shed
-        self._guard._warn()
-        return shed > 0
+        # Linux reports EMFILE before looking at the queue, so shed may be 0: nothing waited.
+        if shed:
+            self._guard.shed += shed
+            self._guard._warn()
+        return True
 
     def close(self) -> None:
         if self._spare is not None:

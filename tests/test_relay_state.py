@@ -1,0 +1,270 @@
+"""taskapp-relay's lease lifecycle under faults: leases kept in SQLite across a restart (with
+our real agent reconnecting to the same lease), an abandoned lease ending after the agent
+grace, and per-key quotas. Real relays, real agents, real apps, all on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from relay_agent import RelayTestAgent, TaskApp, attach_raw, serve_app
+from support import free_port, health_app, wait_for
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from taskapp_notebook import InProcessTaskApp
+from taskapp_notebook.relay import RelayConfig, RelayServer
+
+KEY, OTHER_KEY = "relay-state-key-one", "relay-state-key-two"
+LEASES = "/api/v1/synthtunnel/leases"
+
+
+def auth(key: str = KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def worker(lease: dict[str, Any]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {lease['worker_token']}"}
+
+
+async def post_lease(
+    client: httpx.AsyncClient, relay: RelayServer, key: str = KEY, **body: Any
+) -> httpx.Response:
+    body = {"client_instance_id": "client-0123456789abcdef", **body}
+    return await client.post(relay.url + LEASES, json=body, headers=auth(key))
+
+
+async def new_lease(client: httpx.AsyncClient, relay: RelayServer, **kw: Any) -> dict[str, Any]:
+    r = await post_lease(client, relay, **kw)
+    assert r.status_code == 201, r.text
+    lease: dict[str, Any] = r.json()
+    return lease
+
+
+async def until(check: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=30, trust_env=False) as c:
+        yield c
+
+
+# -- leases survive a restart -------------------------------------------------------------
+
+
+def test_restart_keeps_url_and_worker_token_and_our_agent_reattaches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "relay.sqlite3"
+    port = free_port()
+    config = RelayConfig(state_path=state)
+    relay = RelayServer([KEY], port=port, config=config).start_in_thread()
+    monkeypatch.setenv("SYNTH_BACKEND_URL", relay.url)
+    monkeypatch.setenv("SYNTH_API_KEY", KEY)
+    app = InProcessTaskApp(app=health_app(), serve_on="thread", port=free_port())
+    back: RelayServer | None = None
+    try:
+        app.start()
+        url, token = app.url, app.task_app_worker_token
+        assert url and token and app.tunnel is not None
+        lease_id = app.tunnel.lease.lease_id  # type: ignore[attr-defined]
+        headers = {"Authorization": f"Bearer {token}"}
+
+        def served() -> bool:
+            r = httpx.get(f"{url}/health", headers=headers, trust_env=False, timeout=5)
+            return r.status_code == 200
+
+        assert served()
+        relay.stop_in_thread()
+        with pytest.raises(httpx.TransportError):
+            served()
+
+        back = RelayServer([KEY], port=port, config=config).start_in_thread()
+        assert wait_for(served, timeout=30), "the old URL never worked again after the restart"
+        # Our agent reconnected with its agent token to the SAME lease: nothing replaced.
+        assert app.url == url and app.task_app_worker_token == token
+        assert app.tunnel.lease.lease_id == lease_id  # type: ignore[attr-defined]
+        wrong = httpx.get(f"{url}/health", headers={"Authorization": "Bearer nope"},
+                          trust_env=False)
+        assert wrong.status_code == 403
+    finally:
+        app.stop()
+        relay.stop_in_thread()
+        if back is not None:
+            back.stop_in_thread()
+    # The state file: owner-only, and no secret in it (tokens are derived, never stored).
+    assert stat.S_IMODE(os.stat(state).st_mode) == 0o600
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    for secret in (KEY, token, url.rsplit("rt_", 1)[1]):
+        assert secret.encode() not in raw
+
+
+async def test_restart_restores_leases_tombstones_and_revokes_removed_keys(
+    tmp_path: Path, client: httpx.AsyncClient
+) -> None:
+    state = tmp_path / "relay.sqlite3"
+    port = free_port()
+    config = RelayConfig(state_path=str(state), sweep_interval=0.05)
+    async with RelayServer([KEY, OTHER_KEY], port=port, config=config) as relay:
+        kept = await new_lease(client, relay)
+        short = await new_lease(client, relay, requested_ttl_seconds=0.3)
+        gone = await new_lease(client, relay)
+        revoked = await new_lease(client, relay, key=OTHER_KEY)
+        r = await client.delete(f"{relay.url}{LEASES}/{gone['lease_id']}", headers=auth())
+        assert r.status_code == 204
+    await asyncio.sleep(0.4)  # `short` expires while the relay is down
+
+    # OTHER_KEY is no longer configured: its lease is revoked.
+    async with RelayServer([KEY], port=port, config=config) as relay:
+        r = await client.get(f"{relay.url}{LEASES}/{kept['lease_id']}", headers=auth())
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        for field in ("public_url", "worker_token", "route_token", "expires_at"):
+            assert doc[field] == kept[field]
+        assert doc["agent_connect"] == kept["agent_connect"]
+        # Renewal keeps the same lease after a restart (same tokens, new expiry).
+        r = await post_lease(client, relay, renew_lease_id=kept["lease_id"])
+        assert r.status_code == 200 and r.json()["worker_token"] == kept["worker_token"]
+
+        r = await client.get(kept["public_url"] + "/x", headers=worker(kept))
+        assert r.status_code == 503 and r.json()["code"] == "agent_offline"
+        for ended, code in ((short, "lease_expired"), (gone, "lease_deleted")):
+            r = await client.get(ended["public_url"] + "/x", headers=worker(ended))
+            assert (r.status_code, r.json()["code"]) == (410, code)
+        r = await client.get(revoked["public_url"] + "/x", headers=worker(revoked))
+        assert r.status_code == 404
+
+        # And the agent token of the kept lease attaches again.
+        async with serve_app(TaskApp().asgi()) as app_url:
+            async with RelayTestAgent(kept, app_url):
+                r = await client.get(kept["public_url"] + "/echo", headers=worker(kept))
+                assert r.status_code == 200
+
+
+async def test_state_file_in_use_or_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
+    state = tmp_path / "relay.sqlite3"
+    config = RelayConfig(state_path=state)
+    async with RelayServer([KEY], config=config):
+        with pytest.raises(RuntimeError, match="in use by another relay"):
+            await RelayServer([KEY], config=config).start()
+    junk = tmp_path / "junk.sqlite3"
+    junk.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(RuntimeError, match="not a relay state database"):
+        await RelayServer([KEY], config=RelayConfig(state_path=junk)).start()
+    # The failed starts left the file usable and the port free.
+    async with RelayServer([KEY], config=config) as relay:
+        assert relay.running
+    with pytest.raises(ValueError, match="state_path"):
+        RelayConfig(state_path="  ")
+
+
+# -- agent grace ------------------------------------------------------------------------------
+
+
+async def test_lease_of_a_vanished_agent_ends_after_the_grace(client: httpx.AsyncClient) -> None:
+    config = RelayConfig(agent_grace=0.6, sweep_interval=0.05)
+    async with RelayServer([KEY], config=config) as relay:
+        lease = await new_lease(client, relay)
+        never = await new_lease(client, relay)
+        ws = await attach_raw(lease)
+        await asyncio.sleep(0.8)  # attached: the grace does not run
+        r = await client.get(f"{relay.url}{LEASES}/{lease['lease_id']}", headers=auth())
+        assert r.status_code == 200 and r.json()["agent_attached"] is True
+        ws.transport.abort()  # the kernel is SIGKILLed: no close frame
+
+        r = await client.get(lease["public_url"] + "/x", headers=worker(lease))
+        assert r.status_code == 503 and r.json()["code"] == "agent_offline"
+
+        async def ended() -> bool:
+            r = await client.get(lease["public_url"] + "/x", headers=worker(lease))
+            return r.status_code == 410 and r.json()["code"] == "lease_expired"
+
+        started = time.monotonic()
+        await until(ended, timeout=5)
+        assert time.monotonic() - started < 3
+        # A lease no agent ever attached to ends the same way.
+        r = await client.get(never["public_url"] + "/x", headers=worker(never))
+        assert r.status_code == 410
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(
+                lease["agent_connect"]["url"],
+                additional_headers={
+                    "Authorization": f"Bearer {lease['agent_connect']['agent_token']}"
+                },
+            )
+        assert refused.value.response.status_code == 410
+        r = await client.get(f"{relay.url}{LEASES}/{lease['lease_id']}", headers=auth())
+        assert r.status_code == 404
+
+    # None keeps such leases for their whole TTL.
+    config = RelayConfig(agent_grace=None, sweep_interval=0.05)
+    async with RelayServer([KEY], config=config) as relay:
+        lease = await new_lease(client, relay)
+        await asyncio.sleep(0.5)
+        r = await client.get(lease["public_url"] + "/x", headers=worker(lease))
+        assert r.status_code == 503
+
+
+async def test_reconnect_within_the_grace_keeps_the_lease(client: httpx.AsyncClient) -> None:
+    config = RelayConfig(agent_grace=1.0, sweep_interval=0.05)
+    async with RelayServer([KEY], config=config) as relay, serve_app(TaskApp().asgi()) as app:
+        lease = await new_lease(client, relay)
+        for _ in range(3):  # three drops, each shorter than the grace
+            ws = await attach_raw(lease)
+            await asyncio.sleep(0.1)
+            ws.transport.abort()
+            await asyncio.sleep(0.7)
+        async with RelayTestAgent(lease, app):
+            r = await client.get(lease["public_url"] + "/echo", headers=worker(lease))
+            assert r.status_code == 200
+
+
+# -- quotas ----------------------------------------------------------------------------------
+
+
+async def test_lease_and_metadata_quotas_per_key(client: httpx.AsyncClient) -> None:
+    config = RelayConfig(max_leases_per_key=3, max_metadata_bytes=1000)
+    async with RelayServer([KEY, OTHER_KEY], config=config) as relay:
+        leases = [await new_lease(client, relay) for _ in range(3)]
+        r = await post_lease(client, relay)
+        problem = r.json()
+        assert r.status_code == 429 and problem["code"] == "lease_quota_exceeded"
+        assert "max_leases_per_key=3" in problem["detail"] and "DELETE" in problem["detail"]
+        # Renewing a lease at the quota is fine; another key has its own quota.
+        r = await post_lease(client, relay, renew_lease_id=leases[0]["lease_id"])
+        assert r.status_code == 200
+        await new_lease(client, relay, key=OTHER_KEY)
+        # Deleting (or the lease ending) frees a slot.
+        r = await client.delete(f"{relay.url}{LEASES}/{leases[1]['lease_id']}", headers=auth())
+        assert r.status_code == 204
+        await new_lease(client, relay)
+
+        r = await post_lease(client, relay, key=OTHER_KEY, metadata={"blob": "x" * 2000})
+        problem = r.json()
+        assert r.status_code == 413 and problem["code"] == "metadata_too_large"
+        assert "max_metadata_bytes" in problem["detail"]
+        await new_lease(client, relay, key=OTHER_KEY, metadata={"blob": "x" * 900})
+        health = (await client.get(relay.url + "/health")).json()
+        assert health["leases"] == 5
+
+
+def test_default_quotas_bound_one_key() -> None:
+    d = RelayConfig()
+    assert d.max_leases_per_key == 100 and d.max_metadata_bytes == 64 * 1024
+    assert d.agent_grace == 300.0 and d.header_timeout == 15.0
+    for bad in ({"max_leases_per_key": 0}, {"max_metadata_bytes": -1}, {"agent_grace": 0},
+                {"header_timeout": 0}, {"max_connections": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            RelayConfig(**bad)  # type: ignore[arg-type]
