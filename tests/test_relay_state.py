@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -268,3 +271,95 @@ def test_default_quotas_bound_one_key() -> None:
                 {"header_timeout": 0}, {"max_connections": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             RelayConfig(**bad)  # type: ignore[arg-type]
+
+
+# -- the CLI: keys from the environment or a file, state across process restarts ----------
+
+
+def _cli(port: int, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "taskapp_notebook.relay", "--port", str(port), *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_up(proc: subprocess.Popen[str], port: int) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False).status_code == 200:
+                return
+        except httpx.TransportError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def _stop(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    return out, err
+
+
+def test_cli_keys_from_file_and_env_and_state_across_restarts(tmp_path: Path) -> None:
+    key_file = tmp_path / "relay-keys"
+    key_file.write_text("# relay keys\nfile-key-1\n\nfile-key-2\n")
+    state = tmp_path / "relay.sqlite3"
+    env = {**os.environ, "TASKAPP_RELAY_API_KEYS": "env-key-1"}
+    port = free_port()
+    args = ("--api-key-file", str(key_file), "--state", str(state))
+    proc = _cli(port, env, *args)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_up(proc, port)
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        assert b"file-key" not in cmdline and b"env-key" not in cmdline
+        leases = {}
+        for key in ("file-key-2", "env-key-1"):
+            r = httpx.post(base + LEASES, json={}, headers=auth(key), trust_env=False)
+            assert r.status_code == 201
+            leases[key] = r.json()
+    finally:
+        _, err = _stop(proc)
+    assert "file-key" not in err and "env-key" not in err and "--api-key puts" not in err
+
+    proc = _cli(port, env, *args)
+    try:
+        _wait_up(proc, port)
+        for key, lease in leases.items():
+            r = httpx.get(f"{base}{LEASES}/{lease['lease_id']}", headers=auth(key),
+                          trust_env=False)
+            assert r.status_code == 200 and r.json()["worker_token"] == lease["worker_token"]
+    finally:
+        _, err = _stop(proc)
+    assert "2 lease(s) restored" in err
+
+    # --api-key still works, with a warning; the key itself is never printed.
+    proc = _cli(port, {k: v for k, v in env.items() if k != "TASKAPP_RELAY_API_KEYS"},
+                "--api-key", "cli-visible-key")
+    try:
+        _wait_up(proc, port)
+        r = httpx.post(base + LEASES, json={}, headers=auth("cli-visible-key"), trust_env=False)
+        assert r.status_code == 201
+    finally:
+        _, err = _stop(proc)
+    assert "--api-key puts the key on the command line" in err and "cli-visible-key" not in err
+
+    done = subprocess.run(
+        [sys.executable, "-m", "taskapp_notebook.relay", "--api-key-file", str(tmp_path / "no")],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2 and "cannot read --api-key-file" in done.stderr
+    other = tmp_path / "other.sqlite3"
+    other.write_bytes(b"not sqlite at all" * 64)
+    done = subprocess.run(
+        [sys.executable, "-m", "taskapp_notebook.relay", "--port", "0", "--state", str(other)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 1 and "not a relay state database" in done.stderr
+    assert "Traceback" not in done.stderr
