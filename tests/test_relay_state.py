@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from relay_agent import RelayTestAgent, TaskApp, attach_raw, serve_app
-from support import free_port, health_app, wait_for
+from support import free_port, health_app, port_is_free, wait_for
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -363,3 +363,39 @@ def test_cli_keys_from_file_and_env_and_state_across_restarts(tmp_path: Path) ->
     )
     assert done.returncode == 1 and "not a relay state database" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_readme_running_your_own_relay_runs_as_printed(tmp_path: Path) -> None:
+    """The README's "Running your own relay" block, run by bash as printed (port 8700)."""
+    if not port_is_free(8700):
+        pytest.skip("port 8700, which the README block uses, is taken on this machine")
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Running your own relay\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    probe = (
+        "import os, httpx\n"
+        "url = os.environ['SYNTH_BACKEND_URL'] + '/api/v1/synthtunnel/leases'\n"
+        "auth = {'Authorization': 'Bearer ' + os.environ['SYNTH_API_KEY']}\n"
+        "r = httpx.post(url, json={}, headers=auth, trust_env=False)\n"
+        "print('LEASE', r.status_code)\n"
+    )
+    script = (
+        block
+        + 'relay=$!\n'
+        + 'for i in $(seq 200); do ok=$(python -c "$PROBE" 2>/dev/null) && break; '
+        + "sleep 0.1; done\n"
+        + 'echo "$ok"\n'
+        + 'tr "\\0" " " < /proc/$relay/cmdline | grep -qF "$TASKAPP_RELAY_API_KEYS" '
+        + "&& echo KEY-ON-COMMAND-LINE\n"
+        + 'kill "$relay"; wait "$relay"; echo "EXIT $?"\n'
+    )
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+           "PROBE": probe}
+    env.pop("TASKAPP_RELAY_API_KEYS", None)
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=90)
+    assert "LEASE 201" in done.stdout, (done.stdout, done.stderr)
+    assert "KEY-ON-COMMAND-LINE" not in done.stdout and "EXIT 0" in done.stdout
+    assert (tmp_path / "relay.sqlite3").exists()
+    assert port_is_free(8700)
