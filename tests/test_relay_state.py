@@ -156,6 +156,27 @@ async def test_restart_restores_leases_tombstones_and_revokes_removed_keys(
                 assert r.status_code == 200
 
 
+async def test_restored_lease_whose_agent_never_returns_ends_after_the_grace(
+    tmp_path: Path, client: httpx.AsyncClient
+) -> None:
+    state = tmp_path / "relay.sqlite3"
+    async with RelayServer([KEY], config=RelayConfig(state_path=state)) as relay:
+        lease = await new_lease(client, relay)
+        ws = await attach_raw(lease)
+    await ws.close()
+    config = RelayConfig(state_path=state, agent_grace=0.5, sweep_interval=0.05)
+    async with RelayServer([KEY], config=config) as relay:
+        r = await client.get(f"{relay.url}{LEASES}/{lease['lease_id']}", headers=auth())
+        assert r.status_code == 200  # restored; its grace runs from the relay's start
+        await asyncio.sleep(1.0)
+        r = await client.get(f"{relay.url}{LEASES}/{lease['lease_id']}", headers=auth())
+        assert r.status_code == 404
+    async with RelayServer([KEY], config=config) as relay:  # the ending was persisted
+        r = await client.get(f"{relay.url}{LEASES}/{lease['lease_id']}", headers=auth())
+        assert r.status_code == 404
+        assert (await client.get(relay.url + "/health")).json()["leases"] == 0
+
+
 async def test_state_file_in_use_or_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
     state = tmp_path / "relay.sqlite3"
     config = RelayConfig(state_path=state)
@@ -399,3 +420,53 @@ def test_readme_running_your_own_relay_runs_as_printed(tmp_path: Path) -> None:
     assert "KEY-ON-COMMAND-LINE" not in done.stdout and "EXIT 0" in done.stdout
     assert (tmp_path / "relay.sqlite3").exists()
     assert port_is_free(8700)
+
+
+CHILD_APP = """
+import sys, time
+from fastapi import FastAPI
+from taskapp_notebook import InProcessTaskApp
+app = FastAPI()
+
+@app.get("/health")
+async def health():
+    return {"healthy": True}
+
+task_app = InProcessTaskApp(app=app, serve_on="thread", port=int(sys.argv[1]))
+task_app.start()
+print(task_app.url, task_app.task_app_worker_token, flush=True)
+time.sleep(600)
+"""
+
+
+def test_sigkilled_process_lease_ends_after_the_grace() -> None:
+    """A process serving a lease (our agent) is SIGKILLed: callers get 503 during the grace,
+    then 410, not 503 for the rest of the TTL."""
+    config = RelayConfig(agent_grace=1.5, sweep_interval=0.1, ping_interval=0.5,
+                         ping_timeout=0.5)
+    with RelayServer([KEY], config=config) as relay:
+        env = {**os.environ, "SYNTH_BACKEND_URL": relay.url, "SYNTH_API_KEY": KEY}
+        child = subprocess.Popen([sys.executable, "-c", CHILD_APP, str(free_port())], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout is not None
+            url, token = child.stdout.readline().split()
+            headers = {"Authorization": f"Bearer {token}"}
+            assert httpx.get(f"{url}/health", headers=headers, trust_env=False).status_code == 200
+            child.kill()
+            child.wait(10)
+            killed = time.monotonic()
+
+            def status() -> int:
+                return httpx.get(f"{url}/health", headers=headers, trust_env=False).status_code
+
+            assert wait_for(lambda: status() == 503, timeout=5)
+            assert wait_for(lambda: status() == 410, timeout=10)
+            assert time.monotonic() - killed < 6
+            r = httpx.get(f"{url}/health", headers=headers, trust_env=False)
+            assert r.json()["code"] == "lease_expired"
+            assert httpx.get(relay.url + "/health", trust_env=False).json()["leases"] == 0
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.communicate()
