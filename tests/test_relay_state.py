@@ -348,6 +348,7 @@ def test_cli_keys_from_file_and_env_and_state_across_restarts(tmp_path: Path) ->
     finally:
         _, err = _stop(proc)
     assert "file-key" not in err and "env-key" not in err and "--api-key puts" not in err
+    assert "is short (10 characters)" in err  # offline guessing with a copy of the state file
 
     proc = _cli(port, env, *args)
     try:

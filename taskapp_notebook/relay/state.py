@@ -23,6 +23,9 @@ LEASES_PATH = "/api/v1/synthtunnel/leases"
 AGENT_PATH = "/api/v1/synthtunnel/agent"
 ROUTE_PREFIX = "/s/rt_"
 
+#: Shorter API keys draw a warning when leases are kept in a state file.
+MIN_STATE_KEY_LENGTH = 24
+
 #: Close codes the relay uses on agent sockets.
 CLOSE_REPLACED = 4000
 CLOSE_LEASE_GONE = 4001
@@ -56,6 +59,16 @@ class RelayState:
             db.close()
             raise
         if config.state_path is not None:
+            for key in api_keys:
+                if len(key) < MIN_STATE_KEY_LENGTH:
+                    logger.warning(
+                        "API key %s is short (%d characters). With a state file, whoever "
+                        "copies the file and knows a public URL can guess a short key "
+                        "offline; use random keys of %d+ characters",
+                        mask_secret(key),
+                        len(key),
+                        MIN_STATE_KEY_LENGTH,
+                    )
             logger.info(
                 "Relay state %s: %d lease(s) restored, %d ended while the relay was down or "
                 "belonged to API keys it no longer has",
