@@ -307,3 +307,34 @@ async def test_aborted_responses_are_not_logged_as_errors(caplog: pytest.LogCapt
     errors = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
     assert not errors, [rec.getMessage() for rec in errors]
     assert any("aborting a started response" in rec.getMessage() for rec in caplog.records)
+
+
+async def test_unauthenticated_floods_do_not_flood_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Garbage requests and refused agent handshakes, 30 each: library lines at INFO and
+    above at most once per 10 s each (the rest at DEBUG); no ERROR, no traceback."""
+    caplog.set_level(logging.DEBUG)
+    garbage = b"NOT HTTP AT ALL\r\n\r\n"
+    refused = (b"GET /api/v1/synthtunnel/agent HTTP/1.1\r\nHost: r\r\nUpgrade: websocket\r\n"
+               b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               b"Sec-WebSocket-Version: 13\r\n\r\n")
+    async with RelayServer([KEY]) as relay:
+        for payload in (garbage, refused):
+            for _ in range(30):
+                reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+                writer.write(payload)
+                async with asyncio.timeout(5):
+                    answer = await reader.read()
+                assert answer.startswith(b"HTTP/1.1 40"), answer[:40]
+                writer.close()
+    library = [r for r in caplog.records if r.name.startswith(("uvicorn", "websockets"))]
+    loud: dict[str, int] = {}
+    for record in library:
+        if record.levelno > logging.DEBUG and "process" not in record.msg:
+            loud[record.msg] = loud.get(record.msg, 0) + 1
+    assert all(count <= 1 for count in loud.values()), loud
+    quiet = [r for r in library if r.levelno == logging.DEBUG and r.msg in (
+        "Invalid HTTP request received.", "HTTP response sent (%d %s)")]
+    assert len(quiet) >= 50
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]

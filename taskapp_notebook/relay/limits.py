@@ -19,7 +19,9 @@ logged "socket.accept() out of system resource" tens of thousands of times a sec
   spare descriptor, frees it to accept and close the waiting connections, and logs one
   WARNING per 10 s with counts, instead of asyncio's traceback per failed ``accept()``.
 * Responses the relay aborts on purpose (a started response the agent abandoned) are no
-  longer logged by uvicorn at ERROR ("ASGI callable returned without completing response").
+  longer logged by uvicorn at ERROR ("ASGI callable returned without completing response"),
+  and library lines any peer can trigger without credentials (invalid requests, refused
+  agent handshakes) are logged once per 10 s, the rest at DEBUG.
 """
 
 from __future__ import annotations
@@ -66,8 +68,26 @@ def default_max_connections() -> int:
     return max(16, min(DEFAULT_MAX_CONNECTIONS, soft - used - RESERVED_FDS))
 
 
-class _QuietAborts(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """uvicorn's error logger, with the message for a deliberately aborted response at DEBUG."""
+#: Library log lines any peer can trigger at will, without credentials (a log flood):
+#: each is logged at its level at most once per ``WARN_EVERY``, the rest at DEBUG.
+RATE_LIMITED = frozenset(
+    {
+        "Invalid HTTP request received.",  # uvicorn
+        "Unsupported upgrade request.",  # uvicorn
+        "connection open",  # websockets: the relay logs its own attach/detach lines
+        "connection closed",
+        "HTTP response sent (%d %s)",  # websockets: a refused agent handshake
+        "connection rejected (%d %s)",
+    }
+)
+
+
+class QuietLibraryLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A library's logger as the relay wants it: a response aborted on purpose at DEBUG, and
+    lines an unauthenticated peer can trigger (:data:`RATE_LIMITED`) rate-limited."""
+
+    _last: dict[tuple[str, str], float] = {}
+    _muted: dict[tuple[str, str], int] = {}
 
     @property
     def level(self) -> int:
@@ -76,6 +96,18 @@ class _QuietAborts(logging.LoggerAdapter):  # type: ignore[type-arg]
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
         if msg == ABORTED_RESPONSE:
             level = logging.DEBUG
+        elif level > logging.DEBUG and isinstance(msg, str) and msg in RATE_LIMITED:
+            key, now = (self.logger.name, msg), time.monotonic()
+            if now - self._last.get(key, -WARN_EVERY) < WARN_EVERY:
+                self._muted[key] = self._muted.get(key, 0) + 1
+                level = logging.DEBUG
+            else:
+                self._last[key] = now
+                muted = self._muted.pop(key, 0)
+                if muted:
+                    msg = msg.replace("%", "%%") if not args else msg
+                    msg += " (and %d more like it at DEBUG)"
+                    args = (*args, muted)
         super().log(level, msg, *args, **kwargs)
 
 
@@ -163,7 +195,7 @@ class ConnectionGuard:
         class GuardedH11Protocol(H11Protocol):
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 super().__init__(*args, **kwargs)
-                self.logger = _QuietAborts(self.logger, {})  # type: ignore[assignment]
+                self.logger = QuietLibraryLog(self.logger, {})  # type: ignore[assignment]
                 self._deadline: asyncio.TimerHandle | None = None
                 self._upgraded = False
 
@@ -230,6 +262,11 @@ class ConnectionGuard:
         guard = self
 
         class GuardedWebSocketProtocol(base):  # type: ignore[valid-type, misc]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                quiet = QuietLibraryLog(self.protocol.logger, {})
+                self.protocol.logger = self.logger = quiet
+
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
                 guard.adopt(transport)
                 self._guarded_transport = transport
