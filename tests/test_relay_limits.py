@@ -271,11 +271,34 @@ async def test_header_deadline_closes_idle_and_slow_connections() -> None:
             writer.close()
         assert loop.time() - started < 3.5
 
-        # A real keep-alive client is unaffected: several requests, slower than the deadline.
+        # Keep-alive waits are uvicorn's (5 s), not the header deadline: one connection,
+        # requests 0.8 s apart.
         async with httpx.AsyncClient(trust_env=False) as client:
+            ports = set()
             for _ in range(3):
-                assert (await client.get(relay.url + "/health")).status_code == 200
-                await asyncio.sleep(0.3)
+                r = await client.get(relay.url + "/health")
+                assert r.status_code == 200
+                stream = r.extensions["network_stream"]
+                ports.add(stream.get_extra_info("client_addr")[1])
+                await asyncio.sleep(0.8)
+            assert len(ports) == 1, ports
+
+            # A request being served is not timed: a body streamed over 1.5 s goes through.
+            r = await client.post(relay.url + LEASES, json={}, headers=API_AUTH)
+            lease = r.json()
+
+            async def slow_body() -> Any:
+                for _ in range(6):
+                    await asyncio.sleep(0.25)
+                    yield b"x" * 1000
+
+            async with serve_app(TaskApp().asgi()) as app_url, RelayTestAgent(lease, app_url):
+                r = await client.post(
+                    lease["public_url"] + "/stream-echo",
+                    content=slow_body(),
+                    headers={"Authorization": f"Bearer {lease['worker_token']}"},
+                )
+                assert r.status_code == 200 and r.content == b"x" * 6000
 
 
 async def test_aborted_responses_are_not_logged_as_errors(caplog: pytest.LogCaptureFixture) -> None:
