@@ -471,3 +471,43 @@ def test_sigkilled_process_lease_ends_after_the_grace() -> None:
             if child.poll() is None:
                 child.kill()
             child.communicate()
+
+
+def test_state_file_that_cannot_grow_refuses_new_leases_cleanly(tmp_path: Path) -> None:
+    """A full disk, made real with RLIMIT_FSIZE in the relay's process: new leases get 503
+    ``state_unavailable``; the relay, its existing leases and its routes keep working."""
+    port = free_port()
+    state = tmp_path / "relay.sqlite3"
+    code = (
+        "import resource, runpy, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a core dump\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))\n"
+        f"sys.argv = ['taskapp-relay', '--port', '{port}', '--state', {str(state)!r}]\n"
+        "runpy.run_module('taskapp_notebook.relay', run_name='__main__')\n"
+    )
+    env = {**os.environ, "TASKAPP_RELAY_API_KEYS": KEY}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_up(proc, port)
+        first = httpx.post(base + LEASES, json={}, headers=auth(), trust_env=False).json()
+        statuses = []
+        for _ in range(20):  # 60 KB of metadata each: the file hits 256 KiB
+            r = httpx.post(base + LEASES, json={"metadata": {"x": "y" * 60_000}},
+                           headers=auth(), trust_env=False)
+            statuses.append(r.status_code)
+            if r.status_code != 201:
+                problem = r.json()
+                break
+        assert statuses[-1] == 503 and problem["code"] == "state_unavailable", statuses
+        assert "retry later" in problem["detail"]
+        assert httpx.get(base + "/health", trust_env=False).json()["status"] == "ok"
+        r = httpx.get(f"{base}{LEASES}/{first['lease_id']}", headers=auth(), trust_env=False)
+        assert r.status_code == 200
+        r = httpx.get(first["public_url"] + "/x", headers=worker(first), trust_env=False)
+        assert r.status_code == 503 and r.json()["code"] == "agent_offline"
+    finally:
+        _, err = _stop(proc)
+    assert "Lease request refused: writing the relay state file failed" in err
+    assert "Traceback" not in err

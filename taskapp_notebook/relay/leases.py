@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from collections import Counter, OrderedDict
@@ -19,10 +20,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from .store import LeaseDatabase, LeaseRow
+from .store import LeaseDatabase, LeaseRow, StateFileError
 
 if TYPE_CHECKING:
     from .agents import AgentSession
+
+logger = logging.getLogger(__name__)
 
 #: Route and agent tokens of ended leases remembered so their URL answers ``lease_expired``.
 MAX_TOMBSTONES = 10_000
@@ -95,6 +98,7 @@ class LeaseStore:
         self._by_agent: dict[bytes, Lease] = {}
         self._per_owner: Counter[bytes] = Counter()
         self._tombstones: OrderedDict[bytes, str] = OrderedDict(db.tombstones(MAX_TOMBSTONES))
+        self._write_failure_logged = -60.0
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -216,13 +220,21 @@ class LeaseStore:
         self._by_agent.pop(ended[1], None)
         for token_digest in ended:
             self._tombstones[token_digest] = reason
-        if not self.db.closed:
+        pruned = len(self._tombstones) > MAX_TOMBSTONES
+        while len(self._tombstones) > MAX_TOMBSTONES:
+            self._tombstones.popitem(last=False)
+        if self.db.closed:
+            return
+        try:
             self.db.remove(lease.lease_id, ended, reason, time.time())
-        if len(self._tombstones) > MAX_TOMBSTONES:
-            while len(self._tombstones) > MAX_TOMBSTONES:
-                self._tombstones.popitem(last=False)
-            if not self.db.closed:
+            if pruned:
                 self.db.prune_tombstones(MAX_TOMBSTONES)
+        except StateFileError as exc:
+            # The lease has ended in memory all the same; it comes back at a restart.
+            now = time.monotonic()
+            if now - self._write_failure_logged > 60:
+                self._write_failure_logged = now
+                logger.warning("Lease %s ended, but %s", lease.lease_id, exc)
 
     def expired(self, now: float | None = None) -> list[Lease]:
         now = time.time() if now is None else now

@@ -15,7 +15,7 @@ from ..errors import mask_secret
 from .agents import AgentSession
 from .config import RelayConfig
 from .leases import Lease, LeaseStore, digest, iso_z
-from .store import LeaseDatabase
+from .store import LeaseDatabase, StateFileError
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,10 @@ class RelayState:
         if renew:
             lease = self.store.renewable(renew, owner)
             if lease is not None:
-                self.store.renew(lease, time.time() + ttl)
+                try:
+                    self.store.renew(lease, time.time() + ttl)
+                except StateFileError as exc:
+                    raise self._state_unavailable(exc) from None
                 logger.info("Lease %s renewed until %s", lease.lease_id, iso_z(lease.expires_at))
                 return lease, False
             logger.info(
@@ -164,9 +167,16 @@ class RelayState:
                 renew,
             )
         self._check_quota(owner, metadata)
-        lease = self.store.create(
-            owner=owner, client_instance_id=client, local_target=target, metadata=metadata, ttl=ttl
-        )
+        try:
+            lease = self.store.create(
+                owner=owner,
+                client_instance_id=client,
+                local_target=target,
+                metadata=metadata,
+                ttl=ttl,
+            )
+        except StateFileError as exc:
+            raise self._state_unavailable(exc) from None
         logger.info(
             "Lease %s created for client %r (route %s, ttl %.0fs)",
             lease.lease_id,
@@ -175,6 +185,16 @@ class RelayState:
             ttl,
         )
         return lease, True
+
+    @staticmethod
+    def _state_unavailable(exc: StateFileError) -> LeaseRequestError:
+        logger.error("Lease request refused: %s", exc)
+        return LeaseRequestError(
+            "the relay cannot record leases right now (its state file is not writable); "
+            "retry later",
+            503,
+            "state_unavailable",
+        )
 
     def _check_quota(self, owner: bytes, metadata: dict[str, Any]) -> None:
         """Refuse a new lease past the per-key quotas (429 leases, 413 metadata)."""
@@ -285,12 +305,14 @@ class RelayState:
     async def aclose(self) -> None:
         """Close every agent socket (1001) and fail what is in flight."""
         self.closing = True
-        for session in list(self.sessions):
-            self.retire(session, CLOSE_GOING_AWAY, "relay shutting down")
-            self.detach(session, "relay shutting down")
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5.0)
-        self.close_store()
+        try:
+            for session in list(self.sessions):
+                self.retire(session, CLOSE_GOING_AWAY, "relay shutting down")
+                self.detach(session, "relay shutting down")
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=5.0)
+        finally:
+            self.close_store()  # releases the state file's lock, whatever happened
 
     def close_store(self) -> None:
         """Close the lease database (the leases stay in a state file). Idempotent."""

@@ -178,13 +178,16 @@ class LeaseDatabase:
     ) -> None:
         """Delete a lease and remember its token digests as ended for ``reason``."""
         db = self._conn()
-        with db:
-            db.execute("BEGIN")
-            db.execute("DELETE FROM leases WHERE lease_id = ?", (lease_id,))
-            db.executemany(
-                "INSERT OR REPLACE INTO tombstones VALUES (?, ?, ?)",
-                [(d, reason, ended_at) for d in tombstones],
-            )
+        try:
+            with db:
+                db.execute("BEGIN")
+                db.execute("DELETE FROM leases WHERE lease_id = ?", (lease_id,))
+                db.executemany(
+                    "INSERT OR REPLACE INTO tombstones VALUES (?, ?, ?)",
+                    [(d, reason, ended_at) for d in tombstones],
+                )
+        except sqlite3.Error as exc:
+            raise StateFileError(f"writing the relay state file failed: {exc}") from None
 
     # -- tombstones -----------------------------------------------------------------------
 
@@ -208,9 +211,12 @@ class LeaseDatabase:
 
     def _write(self, sql: str, params: tuple[Any, ...]) -> None:
         db = self._conn()
-        with db:
-            db.execute("BEGIN")
-            db.execute(sql, params)
+        try:
+            with db:
+                db.execute("BEGIN")
+                db.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise StateFileError(f"writing the relay state file failed: {exc}") from None
 
     def close(self) -> None:
         """Close the database (releases the file lock). Idempotent."""
