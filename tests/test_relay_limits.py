@@ -79,6 +79,10 @@ class HalfOpenAttack:
         self._thread = threading.Thread(target=self._run, name="half-open-attack", daemon=True)
         self._socks: list[socket.socket] = []
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def __enter__(self) -> HalfOpenAttack:
         self._thread.start()
         return self
@@ -188,7 +192,7 @@ def test_legitimate_callers_served_during_a_half_open_attack(
         token = {"Authorization": f"Bearer {lease['worker_token']}"}
         with AgentThread(lease, echo_app):
             results: list[str] = []
-            with HalfOpenAttack(port, width=400, budget=4000) as attack:
+            with HalfOpenAttack(port, width=400, budget=30_000) as attack:
                 time.sleep(1.0)  # let it reach its width
                 deadline = time.monotonic() + 6.0
                 while time.monotonic() < deadline:
@@ -204,8 +208,11 @@ def test_legitimate_callers_served_during_a_half_open_attack(
                             results.append(type(exc).__name__)
                     time.sleep(0.05)
                 attacked_with, peak = attack.opened, attack.peak
+                assert attack.running, "the attack ended before the callers' window"
             assert attacked_with >= 400 and peak >= 150, (attacked_with, peak)
             failures = [x for x in results if x != "200"]
+            print(f"attack: {attacked_with} half-open connections (peak {peak} open at once); "
+                  f"legitimate calls: {len(results) - len(failures)}/{len(results)} answered 200")
             assert len(results) >= 20 and not failures, (len(results), failures)
             # Afterwards the lease still works, through the same agent.
             r = httpx.post(lease["public_url"] + "/stream-echo", content=b"after", headers=token,
