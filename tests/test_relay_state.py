@@ -330,6 +330,7 @@ def _stop(proc: subprocess.Popen[str]) -> tuple[str, str]:
 def test_cli_keys_from_file_and_env_and_state_across_restarts(tmp_path: Path) -> None:
     key_file = tmp_path / "relay-keys"
     key_file.write_text("# relay keys\nfile-key-1\n\nfile-key-2\n")
+    key_file.chmod(0o644)
     state = tmp_path / "relay.sqlite3"
     env = {**os.environ, "TASKAPP_RELAY_API_KEYS": "env-key-1"}
     port = free_port()
@@ -349,6 +350,7 @@ def test_cli_keys_from_file_and_env_and_state_across_restarts(tmp_path: Path) ->
         _, err = _stop(proc)
     assert "file-key" not in err and "env-key" not in err and "--api-key puts" not in err
     assert "is short (10 characters)" in err  # offline guessing with a copy of the state file
+    assert "can be read by other users; chmod 600" in err
 
     proc = _cli(port, env, *args)
     try:

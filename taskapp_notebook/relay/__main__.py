@@ -191,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for path in args.api_key_file:
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_mode & 0o077:
+                logger.warning("API key file %s can be read by other users; chmod 600 it", path)
     if args.api_key:
         logger.warning(
             "--api-key puts the key on the command line, where any local user can read it "
