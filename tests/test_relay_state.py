@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -190,6 +191,14 @@ async def test_state_file_in_use_or_not_a_database_is_a_clear_error(tmp_path: Pa
     # The failed starts left the file usable and the port free.
     async with RelayServer([KEY], config=config) as relay:
         assert relay.running
+        async with httpx.AsyncClient(trust_env=False) as client:
+            await new_lease(client, relay)
+    # A damaged row (edited by hand, a bad restore) is a clear error, not a traceback.
+    with sqlite3.connect(state) as db:
+        db.execute("UPDATE leases SET metadata = '{broken'")
+    db.close()
+    with pytest.raises(RuntimeError, match="damaged lease row"):
+        await RelayServer([KEY], config=config).start()
     with pytest.raises(ValueError, match="state_path"):
         RelayConfig(state_path="  ")
 

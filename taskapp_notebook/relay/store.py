@@ -141,18 +141,23 @@ class LeaseDatabase:
         )
         out = []
         for lease_id, owner, salt, client, target, metadata, created, expires in rows:
-            out.append(
-                LeaseRow(
-                    lease_id,
+            try:
+                row = LeaseRow(
+                    str(lease_id),
                     bytes(owner),
                     bytes(salt),
-                    client,
+                    str(client),
                     json.loads(target),
                     json.loads(metadata),
-                    created,
-                    expires,
+                    float(created),
+                    float(expires),
                 )
-            )
+            except (TypeError, ValueError) as exc:
+                raise StateFileError(
+                    f"The relay state file {self.path!r} has a damaged lease row "
+                    f"({lease_id!r}: {exc}); restore a backup or move the file away."
+                ) from None
+            out.append(row)
         return out
 
     def add(self, row: LeaseRow) -> None:
