@@ -58,19 +58,20 @@ class Lease:
     """One lease: a public route, its worker token and the agent token that serves it."""
 
     lease_id: str
-    route_token: str
-    agent_token: str
-    worker_token: str
-    owner: bytes
+    #: Secrets (and what they derive from) stay out of the repr.
+    route_token: str = field(repr=False)
+    agent_token: str = field(repr=False)
+    worker_token: str = field(repr=False)
+    owner: bytes = field(repr=False)
     client_instance_id: str
     local_target: dict[str, Any]
     metadata: dict[str, Any]
     created_at: float
     expires_at: float
     #: The random salt its tokens are derived from (what the store keeps instead).
-    salt: bytes = b""
+    salt: bytes = field(default=b"", repr=False)
     #: The attached agent, if any (set by the relay state).
-    session: AgentSession | None = None
+    session: AgentSession | None = field(default=None, repr=False)
     #: Requests in flight through this lease right now.
     inflight: int = 0
     ever_attached: bool = False
