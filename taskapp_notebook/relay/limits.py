@@ -45,14 +45,14 @@ logger = logging.getLogger(__name__)
 #: Descriptors left for everything but connections (listener, state file, logs, imports).
 RESERVED_FDS = 64
 #: Cap when the fd limit is unknown or huge.
-DEFAULT_MAX_CONNECTIONS = 10_000
+DEFAULT_MAX_CONNECTIONS = 4096
 #: Seconds between two warnings about refused or evicted connections.
 WARN_EVERY = 10.0
 ABORTED_RESPONSE = "ASGI callable returned without completing response."
 
 
 def default_max_connections() -> int:
-    """The fd limit minus descriptors already open and a reserve (16 .. 10 000)."""
+    """The fd limit minus descriptors already open and a reserve (16 .. 4096)."""
     try:
         import resource
 
