@@ -522,3 +522,58 @@ def test_state_file_that_cannot_grow_refuses_new_leases_cleanly(tmp_path: Path) 
         _, err = _stop(proc)
     assert "Lease request refused: writing the relay state file failed" in err
     assert "Traceback" not in err
+
+
+KERNEL_CELL = """%%taskapp --tunnel synthtunnel --no-widget --serve-on loop --port {port} --var app
+from fastapi import FastAPI
+
+app = FastAPI()
+
+@app.get("/health")
+async def health():
+    return {{"healthy": True}}
+"""
+
+
+@pytest.mark.kernel
+@pytest.mark.timeout(180)
+def test_sigkilled_kernel_lease_ends_after_the_grace(tmp_path: Path) -> None:
+    """The issue's case: a notebook kernel serving a SynthTunnel lease is SIGKILLed. Its lease
+    ends after ``agent_grace`` (410), instead of 503 for the rest of its hour."""
+    from jupyter_client.manager import KernelManager
+
+    config = RelayConfig(agent_grace=2.0, sweep_interval=0.1)
+    with RelayServer([KEY], config=config) as relay:
+        km = KernelManager(kernel_name="python3")
+        env = {**os.environ, "SYNTH_BACKEND_URL": relay.url, "SYNTH_API_KEY": KEY}
+        km.start_kernel(cwd=str(tmp_path), env=env)
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=60)
+            for code in ("%load_ext taskapp_notebook", KERNEL_CELL.format(port=free_port())):
+                reply = kc.execute_interactive(code, timeout=60, output_hook=lambda msg: None)
+                assert reply["content"]["status"] == "ok", reply["content"]
+            out: list[str] = []
+            kc.execute_interactive(
+                "print('LEASE', app.url, app.task_app_worker_token)",
+                timeout=30,
+                output_hook=lambda msg: out.append(msg["content"].get("text", "")),
+            )
+            line = next(x for x in "".join(out).splitlines() if x.startswith("LEASE "))
+            _, url, token = line.split()
+            headers = {"Authorization": f"Bearer {token}"}
+
+            def status() -> int:
+                return httpx.get(f"{url}/health", headers=headers, trust_env=False).status_code
+
+            assert status() == 200
+            pid = km.provisioner.pid  # type: ignore[union-attr]
+            os.kill(pid, signal.SIGKILL)
+            killed = time.monotonic()
+            assert wait_for(lambda: status() == 503, timeout=10)
+            assert wait_for(lambda: status() == 410, timeout=15)
+            assert time.monotonic() - killed < 10
+        finally:
+            kc.stop_channels()
+            km.shutdown_kernel(now=True)
