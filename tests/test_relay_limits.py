@@ -224,6 +224,7 @@ def test_legitimate_callers_served_during_a_half_open_attack(
     assert "Too many open files" not in text and "out of system resource" not in text, text[-3000:]
     assert len(text.splitlines()) < 40, text[-3000:]
     assert "under connection pressure" in text
+    assert "Connection limits since the start" in text  # the summary at stop
 
 
 def test_fd_exhaustion_is_shed_quietly_and_the_relay_recovers(tmp_path: Path) -> None:

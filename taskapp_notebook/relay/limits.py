@@ -186,6 +186,19 @@ class ConnectionGuard:
             shed,
         )
 
+    def summary(self) -> None:
+        """Log what the limits did since the start, if anything."""
+        if self.timed_out or self.evicted or self.refused or self.shed:
+            logger.info(
+                "Connection limits since the start: %d connection(s) closed by header_timeout, "
+                "%d evicted at max_connections=%d, %d refused, %d shed for lack of fds",
+                self.timed_out,
+                self.evicted,
+                self.max_connections,
+                self.refused,
+                self.shed,
+            )
+
     # -- the pieces uvicorn is configured with --------------------------------------------
 
     def http_protocol(self) -> type[H11Protocol]:
@@ -347,6 +360,7 @@ class SheddingListener(socket.socket):
         if self._spare is not None:
             os.close(self._spare)
             self._spare = None
+            self._guard.summary()  # once: the listener closes when the relay stops
         super().close()
 
 
