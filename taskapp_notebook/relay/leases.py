@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 #: Route and agent tokens of ended leases remembered so their URL answers ``lease_expired``.
 MAX_TOMBSTONES = 10_000
+PRUNE_BATCH = 500
 
 
 def digest(secret: str) -> bytes:
@@ -221,8 +222,9 @@ class LeaseStore:
         self._by_agent.pop(ended[1], None)
         for token_digest in ended:
             self._tombstones[token_digest] = reason
-        pruned = len(self._tombstones) > MAX_TOMBSTONES
-        while len(self._tombstones) > MAX_TOMBSTONES:
+        # Trimmed in batches: pruning the file's table costs a scan of it.
+        pruned = len(self._tombstones) > MAX_TOMBSTONES + PRUNE_BATCH
+        while pruned and len(self._tombstones) > MAX_TOMBSTONES:
             self._tombstones.popitem(last=False)
         if self.db.closed:
             return
