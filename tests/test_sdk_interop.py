@@ -456,3 +456,37 @@ def test_lease_expiry_with_the_sdk_agent_attached(tmp_path: Path, client: httpx.
     finally:
         app.stop()
         relay.stop_in_thread()
+
+
+def test_sdk_agent_reattaches_after_a_relay_restart_with_state(
+    tmp_path: Path, client: httpx.Client
+) -> None:
+    """With ``state_path`` the relay restores its leases; the SDK's agent reconnects with its
+    agent token (≈ 0.25 s, 0.5 s, … backoff) and the OLD URL and worker token work again."""
+    port = free_port()
+    config = RelayConfig(state_path=tmp_path / "relay.sqlite3")
+    relay = RelayServer(api_keys=[KEY], port=port, config=config).start_in_thread()
+    app = InProcessTaskApp(app=make_app(), tunnel_mode="local", serve_on="thread",
+                           port=free_port())
+    back: RelayServer | None = None
+    try:
+        app.start()
+        sdk = start_sdk_tunnel(relay, app.port, tmp_path / "home")
+        try:
+            assert client.get(f"{sdk.url}/health", headers=sdk.auth).status_code == 200
+            relay.stop_in_thread()
+            back = RelayServer(api_keys=[KEY], port=port, config=config).start_in_thread()
+            assert eventually(
+                lambda: client.get(f"{sdk.url}/health", headers=sdk.auth).status_code == 200,
+                timeout=30,
+            ), sdk.errors()
+            r = client.post(f"{sdk.url}/echo", content=b"same lease", headers=sdk.auth)
+            assert r.status_code == 200 and r.content == b"same lease"
+            assert sdk.stop()["closed"] is True
+        finally:
+            sdk.kill()
+    finally:
+        app.stop()
+        relay.stop_in_thread()
+        if back is not None:
+            back.stop_in_thread()

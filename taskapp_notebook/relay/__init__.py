@@ -39,6 +39,13 @@ same agent token replaces the old socket (closed with 4000); an expired or delet
 answers ``lease_expired`` / ``lease_deleted`` (410) and its socket is closed with 4001 when
 it serves no other lease; requests in flight when an agent goes end in 502 (or an aborted
 response if headers were already sent).
+
+Limits and state (``RelayConfig``, all documented in ``docs/relay.md``): a lease whose agent
+has been gone longer than ``agent_grace`` ends early; ``max_leases_per_key`` and
+``max_metadata_bytes`` bound what one API key can create (429 / 413); ``header_timeout`` and
+``max_connections`` keep slowloris and fd exhaustion from taking the relay down; with
+``state_path`` leases live in SQLite and survive a restart (same URL and tokens once the
+agent reconnects).
 """
 
 from __future__ import annotations

@@ -2,12 +2,15 @@
 
 Usage::
 
-    taskapp-relay --host 127.0.0.1 --port 8080 --api-key KEY [--api-key KEY2 ...]
-                  [--public-url https://relay.example] [--log-level INFO]
+    TASKAPP_RELAY_API_KEYS=KEY taskapp-relay --host 127.0.0.1 --port 8080
+                  [--api-key-file FILE] [--state relay.sqlite3]
+                  [--public-url https://relay.example] [--log-level INFO] [limits...]
 
-API keys come from ``--api-key`` (repeatable) and/or ``TASKAPP_RELAY_API_KEYS``
-(comma-separated). Ctrl-C or SIGTERM closes agent sockets, fails requests in flight and
-exits 0.
+API keys come from ``TASKAPP_RELAY_API_KEYS`` (comma-separated) and/or ``--api-key-file``
+(one key per line, ``#`` comments). ``--api-key KEY`` still works but shows the key to
+anyone who can list processes (``ps``), so it prints a warning. ``--state FILE`` keeps
+leases across restarts. Ctrl-C or SIGTERM closes agent sockets, fails requests in flight
+and exits 0. Every option and its default: ``docs/relay.md``.
 """
 
 from __future__ import annotations
@@ -23,10 +26,18 @@ from typing import Any
 
 from .config import RelayConfig
 from .relay_server import RelayServer
+from .store import StateFileError
 
 logger = logging.getLogger("taskapp_notebook.relay")
 
 ENV_KEYS = "TASKAPP_RELAY_API_KEYS"
+
+
+def read_key_file(path: str) -> list[str]:
+    """API keys in ``path``: one per line; blank lines and ``#`` comments skipped."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,13 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=8080, help="port (default %(default)s; 0 = any)")
     p.add_argument(
+        "--api-key-file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help=f"file with keys that may create leases, one per line (repeatable; also "
+        f"${ENV_KEYS}, comma-separated)",
+    )
+    p.add_argument(
         "--api-key",
         action="append",
         default=[],
         metavar="KEY",
-        help=f"a key that may create leases (repeatable; also ${ENV_KEYS}, comma-separated)",
+        help=f"a key on the command line (visible in ps; prefer ${ENV_KEYS} or --api-key-file)",
     )
     p.add_argument("--public-url", help="base URL advertised in leases (default: http://HOST:PORT)")
+    p.add_argument(
+        "--state",
+        metavar="FILE",
+        help="SQLite file that keeps leases across restarts (default: memory only)",
+    )
     d = RelayConfig()
     p.add_argument(
         "--max-inflight",
@@ -96,6 +120,37 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "asyncio", "uvloop"],
         help="event loop: uvloop when installed (pip install 'taskapp-notebook[relay]'), "
         "else asyncio (default %(default)s)",
+    )
+    p.add_argument(
+        "--agent-grace",
+        type=float,
+        default=d.agent_grace,
+        help="seconds a lease outlives its agent before it ends, 0 = until its TTL "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--max-leases-per-key",
+        type=int,
+        default=d.max_leases_per_key,
+        help="live leases one API key may hold (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-metadata-bytes",
+        type=int,
+        default=d.max_metadata_bytes,
+        help="largest lease metadata, JSON bytes (default %(default)s)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=d.header_timeout,
+        help="seconds a connection has to send complete request headers (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=0,
+        help="open connections at most, 0 = from the fd limit (default %(default)s)",
     )
     p.add_argument(
         "--log-level",
@@ -149,13 +204,28 @@ def _run(main: Coroutine[Any, Any, int], loop: str, parser: argparse.ArgumentPar
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    keys = [k.strip() for k in args.api_key if k.strip()]
-    keys += [k.strip() for k in os.environ.get(ENV_KEYS, "").split(",") if k.strip()]
+    keys = [k.strip() for k in os.environ.get(ENV_KEYS, "").split(",") if k.strip()]
+    for path in args.api_key_file:
+        try:
+            keys += read_key_file(path)
+        except OSError as exc:
+            parser.error(f"cannot read --api-key-file {path!r}: {exc.strerror or exc}")
+    keys += [k.strip() for k in args.api_key if k.strip()]
     if not keys:
-        parser.error(f"no API key: pass --api-key KEY or set {ENV_KEYS}")
+        parser.error(f"no API key: set {ENV_KEYS} or pass --api-key-file FILE")
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for path in args.api_key_file:
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_mode & 0o077:
+                logger.warning("API key file %s can be read by other users; chmod 600 it", path)
+    if args.api_key:
+        logger.warning(
+            "--api-key puts the key on the command line, where any local user can read it "
+            "(ps, /proc); set %s or use --api-key-file instead",
+            ENV_KEYS,
+        )
     try:
         config = RelayConfig(
             max_inflight=args.max_inflight,
@@ -165,6 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             request_timeout=args.request_timeout,
             ping_interval=args.ping_interval or None,
             ping_timeout=args.ping_timeout or None,
+            agent_grace=args.agent_grace or None,
+            max_leases_per_key=args.max_leases_per_key,
+            max_metadata_bytes=args.max_metadata_bytes,
+            header_timeout=args.header_timeout,
+            max_connections=args.max_connections or None,
+            state_path=args.state,
         )
         relay = RelayServer(
             keys, host=args.host, port=args.port, public_url=args.public_url, config=config
@@ -173,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     try:
         return _run(_serve(relay), args.loop, parser)
-    except OSError as exc:
+    except (OSError, StateFileError) as exc:
         logger.error("%s", exc)
         return 1
     except KeyboardInterrupt:

@@ -130,7 +130,7 @@ class RelayApp:
         try:
             lease, created = self.state.create_or_renew(owner, body)
         except InvalidLeaseRequestError as exc:
-            await send_problem(send, 422, "invalid_request", str(exc), rid)
+            await send_problem(send, exc.status, exc.code, str(exc), rid)
             return
         doc = self.state.lease_document(lease)
         await send_json(send, 201 if created else 200, json.dumps(doc).encode(), rid)

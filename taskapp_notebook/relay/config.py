@@ -1,8 +1,12 @@
-"""Relay settings: limits and timers, validated once."""
+"""Relay settings: limits, timers and the state file, validated once.
+
+Every limit is documented in ``docs/relay.md`` (safe defaults for a relay on the internet).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from os import PathLike
 
 from ..tunnels.synthtunnel.protocol import MAX_MESSAGE_BYTES
 
@@ -35,8 +39,29 @@ class RelayConfig:
     #: common clients keep idle connections (httpx 5 s, aiohttp 15 s): a server that closes
     #: first races the client's next request on that connection, which is then lost.
     keep_alive_timeout: float = 20.0
+    #: A lease whose agent has been gone (or never came) this long ends early as
+    #: ``lease_expired``; None keeps such leases for their whole TTL.
+    agent_grace: float | None = 300.0
+    #: Live leases one API key may hold at once; more get 429 ``lease_quota_exceeded``.
+    max_leases_per_key: int = 100
+    #: Largest ``metadata`` of one lease, as JSON bytes; larger gets 413.
+    max_metadata_bytes: int = 64 * 1024
+    #: Time a connection may take to send complete request headers, counted from its
+    #: opening or from the first byte of its next request (slowloris); then it is closed.
+    header_timeout: float = 15.0
+    #: Open connections (callers and agents) at most; None = derived from the fd limit.
+    #: At the cap, idle connections and ones still sending headers are closed oldest first.
+    max_connections: int | None = None
+    #: SQLite file that keeps leases across restarts; None keeps them in memory only.
+    state_path: str | PathLike[str] | None = None
 
     def __post_init__(self) -> None:
+        if self.state_path is not None and not (
+            isinstance(self.state_path, str | PathLike) and str(self.state_path).strip()
+        ):
+            raise ValueError(
+                f"RelayConfig.state_path must be a file path or None, got {self.state_path!r}."
+            )
         positive = {
             "max_inflight": self.max_inflight,
             "max_response_bytes": self.max_response_bytes,
@@ -48,6 +73,9 @@ class RelayConfig:
             "max_message_bytes": self.max_message_bytes,
             "sweep_interval": self.sweep_interval,
             "keep_alive_timeout": self.keep_alive_timeout,
+            "max_leases_per_key": self.max_leases_per_key,
+            "max_metadata_bytes": self.max_metadata_bytes,
+            "header_timeout": self.header_timeout,
         }
         for name, value in positive.items():
             if not value > 0:
@@ -55,6 +83,8 @@ class RelayConfig:
         for name, opt in (
             ("ping_interval", self.ping_interval),
             ("ping_timeout", self.ping_timeout),
+            ("agent_grace", self.agent_grace),
+            ("max_connections", self.max_connections),
         ):
             if opt is not None and not opt > 0:
                 raise ValueError(f"RelayConfig.{name} must be > 0 or None, got {opt!r}.")

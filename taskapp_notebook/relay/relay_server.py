@@ -21,6 +21,7 @@ from ..server import ServerHandle
 from .app import RelayApp
 from .config import RelayConfig
 from .endpoint import AgentEndpoint
+from .limits import ConnectionGuard, uvicorn_options
 from .state import RelayState
 
 logger = logging.getLogger(__name__)
@@ -140,14 +141,22 @@ class RelayServer:
                 "public_url (--public-url) so remote agents and callers reach it",
                 self.local_url,
             )
-        state = RelayState(self.config, self.api_keys, self.url)
+        try:
+            state = RelayState(self.config, self.api_keys, self.url)
+        except BaseException:
+            sock.close()
+            self._port = None
+            raise
         endpoint = AgentEndpoint(state)
+        # Connection limits (see limits.py): header deadline, connection cap, fd shedding.
+        guard = ConnectionGuard.from_config(self.config)
+        sock = guard.listener(sock)
         server = ServerHandle(
             RelayApp(state),
             sock,
             graceful_timeout=5.0,
             timeout_keep_alive=self.config.keep_alive_timeout,
-            ws=endpoint.protocol_class,
+            **uvicorn_options(guard, endpoint.protocol_class),
             interface="asgi3",
             lifespan="off",
             proxy_headers=False,
@@ -159,6 +168,7 @@ class RelayServer:
             await server.start()
         except BaseException:
             await server.stop()
+            state.close_store()
             self._port = None
             raise
         self._loop = asyncio.get_running_loop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import time
 from collections.abc import Coroutine, Sequence
@@ -14,12 +15,16 @@ from ..errors import mask_secret
 from .config import RelayConfig
 from .lease_store import Lease, LeaseStore, digest, iso_z
 from .sessions import AgentSession
+from .store import LeaseDatabase, StateFileError
 
 logger = logging.getLogger(__name__)
 
 LEASES_PATH = "/api/v1/synthtunnel/leases"
 AGENT_PATH = "/api/v1/synthtunnel/agent"
 ROUTE_PREFIX = "/s/rt_"
+
+#: Shorter API keys draw a warning when leases are kept in a state file.
+MIN_STATE_KEY_LENGTH = 24
 
 #: Close codes the relay uses on agent sockets.
 CLOSE_REPLACED = 4000
@@ -28,7 +33,12 @@ CLOSE_GOING_AWAY = 1001
 
 
 class InvalidLeaseRequestError(ValueError):
-    """A lease POST body the relay cannot honour."""
+    """A lease POST the relay cannot honour: answered with ``status`` and problem ``code``."""
+
+    def __init__(self, detail: str, status: int = 422, code: str = "invalid_request") -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
 
 
 #: How deep ``metadata`` / ``local_target`` may nest (the relay stores and returns them).
@@ -58,8 +68,32 @@ class RelayState:
 
     def __init__(self, config: RelayConfig, api_keys: Sequence[str], public_base_url: str) -> None:
         self.config = config
-        self.store = LeaseStore()
         self._keys = [digest(key) for key in api_keys]
+        db = LeaseDatabase(config.state_path)
+        try:
+            self.store = LeaseStore(db, {digest(key): key for key in api_keys})
+            restored, dropped = self.store.load()
+        except BaseException:
+            db.close()
+            raise
+        if config.state_path is not None:
+            for key in api_keys:
+                if len(key) < MIN_STATE_KEY_LENGTH:
+                    logger.warning(
+                        "API key %s is short (%d characters). With a state file, whoever "
+                        "copies the file and knows a public URL can guess a short key "
+                        "offline; use random keys of %d+ characters",
+                        mask_secret(key),
+                        len(key),
+                        MIN_STATE_KEY_LENGTH,
+                    )
+            logger.info(
+                "Relay state %s: %d lease(s) restored, %d ended while the relay was down or "
+                "belonged to API keys it no longer has",
+                config.state_path,
+                restored,
+                dropped,
+            )
         self.public_base_url = public_base_url.rstrip("/")
         self.sessions: set[AgentSession] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -144,16 +178,27 @@ class RelayState:
         if renew:
             lease = self.store.renewable(renew, owner)
             if lease is not None:
-                lease.expires_at = time.time() + ttl
+                try:
+                    self.store.renew(lease, time.time() + ttl)
+                except StateFileError as exc:
+                    raise self._state_unavailable(exc) from None
                 logger.info("Lease %s renewed until %s", lease.lease_id, iso_z(lease.expires_at))
                 return lease, False
             logger.info(
                 "Lease %s cannot be renewed (unknown, expired or not yours); creating a new one",
                 renew,
             )
-        lease = self.store.create(
-            owner=owner, client_instance_id=client, local_target=target, metadata=metadata, ttl=ttl
-        )
+        self._check_quota(owner, metadata)
+        try:
+            lease = self.store.create(
+                owner=owner,
+                client_instance_id=client,
+                local_target=target,
+                metadata=metadata,
+                ttl=ttl,
+            )
+        except StateFileError as exc:
+            raise self._state_unavailable(exc) from None
         logger.info(
             "Lease %s created for client %r (route %s, ttl %.0fs)",
             lease.lease_id,
@@ -162,6 +207,37 @@ class RelayState:
             ttl,
         )
         return lease, True
+
+    @staticmethod
+    def _state_unavailable(exc: StateFileError) -> InvalidLeaseRequestError:
+        logger.error("Lease request refused: %s", exc)
+        return InvalidLeaseRequestError(
+            "the relay cannot record leases right now (its state file is not writable); "
+            "retry later",
+            503,
+            "state_unavailable",
+        )
+
+    def _check_quota(self, owner: bytes, metadata: dict[str, Any]) -> None:
+        """Refuse a new lease past the per-key quotas (429 leases, 413 metadata)."""
+        cfg = self.config
+        size = len(json.dumps(metadata, separators=(",", ":")).encode())
+        if size > cfg.max_metadata_bytes:
+            raise InvalidLeaseRequestError(
+                f"metadata is {size} bytes of JSON; this relay accepts at most "
+                f"{cfg.max_metadata_bytes} (max_metadata_bytes). Send less metadata.",
+                413,
+                "metadata_too_large",
+            )
+        held = self.store.owned_by(owner)
+        if held >= cfg.max_leases_per_key:
+            raise InvalidLeaseRequestError(
+                f"this API key already holds {held} live leases, the most this relay allows "
+                f"(max_leases_per_key={cfg.max_leases_per_key}). DELETE leases you no longer "
+                "use, renew instead of creating (renew_lease_id), or wait for them to expire.",
+                429,
+                "lease_quota_exceeded",
+            )
 
     # -- agents -------------------------------------------------------------------------
 
@@ -182,6 +258,7 @@ class RelayState:
                 self.retire(old, CLOSE_REPLACED, "replaced by a newer connection")
         lease.session = session
         lease.ever_attached = True
+        lease.offline_since = None
         session.lease_ids.add(lease.lease_id)
         self.sessions.add(session)
 
@@ -195,6 +272,7 @@ class RelayState:
             lease = self.store.get(lease_id)
             if lease is not None and lease.session is session:
                 lease.session = None
+                lease.offline_since = time.monotonic()
         lost = session.fail_exchanges(reason)
         logger.info("%s detached: %s (%d request(s) in flight failed)", session.label, reason, lost)
         if session.malformed:
@@ -227,6 +305,16 @@ class RelayState:
         for lease in self.store.expired():
             logger.info("Lease %s expired at %s", lease.lease_id, iso_z(lease.expires_at))
             self.drop_lease(lease, "lease_expired")
+        grace = self.config.agent_grace
+        if grace is not None:
+            for lease in self.store.abandoned(grace):
+                logger.info(
+                    "Lease %s ended early: %s for more than %gs (agent_grace)",
+                    lease.lease_id,
+                    "its agent has been gone" if lease.ever_attached else "no agent attached",
+                    grace,
+                )
+                self.drop_lease(lease, "lease_expired")
 
     async def sweep_forever(self) -> None:
         while True:
@@ -239,8 +327,15 @@ class RelayState:
     async def aclose(self) -> None:
         """Close every agent socket (1001) and fail what is in flight."""
         self.closing = True
-        for session in list(self.sessions):
-            self.retire(session, CLOSE_GOING_AWAY, "relay shutting down")
-            self.detach(session, "relay shutting down")
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5.0)
+        try:
+            for session in list(self.sessions):
+                self.retire(session, CLOSE_GOING_AWAY, "relay shutting down")
+                self.detach(session, "relay shutting down")
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=5.0)
+        finally:
+            self.close_store()  # releases the state file's lock, whatever happened
+
+    def close_store(self) -> None:
+        """Close the lease database (the leases stay in a state file). Idempotent."""
+        self.store.db.close()
