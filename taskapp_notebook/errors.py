@@ -22,6 +22,8 @@ every exception class in the package is drawn here, under its real parent)::
     │       │                                          (tunnels.synthtunnel.lease_client)
     │       └── LeaseRejectedError                     the relay refused the agent token
     │                                                  (tunnels.synthtunnel.attach)
+    ├── StateFileError            (RuntimeError)       the relay's --state file cannot be
+    │                                                  used (relay.store)
     ├── JobError                  (RuntimeError)       a job refused or unreadable
     │   │                                              (jobs.backend)
     │   └── JobTimeoutError       (TimeoutError)       no terminal status in time

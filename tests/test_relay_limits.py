@@ -362,10 +362,11 @@ async def test_unauthenticated_floods_do_not_flood_the_log(
     library = [r for r in caplog.records if r.name.startswith(("uvicorn", "websockets"))]
     loud: dict[str, int] = {}
     for record in library:
-        if record.levelno > logging.DEBUG and "process" not in record.msg:
-            loud[record.msg] = loud.get(record.msg, 0) + 1
+        message = record.getMessage()  # websockets' lines are pre-formatted (RedactingLogger)
+        if record.levelno > logging.DEBUG and "process" not in message:
+            loud[message] = loud.get(message, 0) + 1
     assert all(count <= 1 for count in loud.values()), loud
-    quiet = [r for r in library if r.levelno == logging.DEBUG and r.msg in (
-        "Invalid HTTP request received.", "HTTP response sent (%d %s)")]
+    quiet = [r for r in library if r.levelno == logging.DEBUG and r.getMessage().startswith(
+        ("Invalid HTTP request received.", "HTTP response sent ("))]
     assert len(quiet) >= 50
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]

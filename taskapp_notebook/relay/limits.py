@@ -143,10 +143,10 @@ class ConnectionGuard:
                 self.evicted += 1
             else:
                 self.refused += 1
-                self._warn()
+                self.report_limits()
                 transport.abort()
                 return False
-            self._warn()
+            self.report_limits()
         self._open.add(transport)
         return True
 
@@ -166,7 +166,7 @@ class ConnectionGuard:
         self._open.discard(transport)
         self._idle.pop(transport, None)
 
-    def _warn(self) -> None:
+    def report_limits(self) -> None:
         now = time.monotonic()
         counts = (self.evicted, self.refused, self.shed)
         if now - self._last_warning < WARN_EVERY or counts == self._reported:
@@ -354,7 +354,7 @@ class SheddingListener(socket.socket):
         # Linux reports EMFILE before looking at the queue, so shed may be 0: nothing waited.
         if shed:
             self._guard.shed += shed
-            self._guard._warn()
+            self._guard.report_limits()
         return True
 
     def close(self) -> None:

@@ -27,6 +27,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import TaskAppError
+
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -50,8 +52,8 @@ CREATE INDEX IF NOT EXISTS tombstones_by_age ON tombstones (ended_at);
 """
 
 
-class StateFileError(RuntimeError):
-    """The state file cannot be opened, read or locked."""
+class StateFileError(TaskAppError, RuntimeError):
+    """The relay's state file cannot be opened, read or locked."""
 
 
 @dataclass(frozen=True)
