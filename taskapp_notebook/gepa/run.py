@@ -20,7 +20,6 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
-import importlib
 import logging
 import threading
 import time
@@ -40,6 +39,7 @@ from .results import GepaResult, append_calls, candidate_records, usage_totals, 
 from .target import AppTarget
 
 if TYPE_CHECKING:
+    from ..notebook.run_view import RunView
     from ..runner import InProcessTaskApp
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class GepaRun:
         self._stop_reason = "stopped by the user"
         self._adapter: TaskAppAdapter | None = None
         self._thread: threading.Thread | None = None
-        self._view: Any = None
+        self._view: RunView | None = None
         self._result: GepaResult | None = None
         self._after: list[GepaRun] = []
         self._calls_written = 0
@@ -129,14 +129,35 @@ class GepaRun:
             check_can_block(self.target, "GepaRun.result()")
         return self._done.result(timeout)
 
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        if self._view is None:
-            try:  # lazily: the view needs ipywidgets (imported by name: built separately)
-                view_module = importlib.import_module("taskapp_notebook.notebook.run_view")
+    def view(self) -> RunView | None:
+        """The run's live view (a ``RunView``, built on first use; again if it was closed),
+        or None without ipywidgets. Its Stop button calls :meth:`stop`."""
+        if self._view is None or self._view.closed:
+            try:  # lazily: the view needs ipywidgets
+                from ..notebook.run_view import RunView
             except ImportError:
-                return {"text/plain": repr(self)}
-            self._view = view_module.RunView(self.progress, on_stop=self.stop)
-        bundle: dict[str, Any] = self._view._repr_mimebundle_(include=include, exclude=exclude)
+                return None
+            self._view = RunView(self.progress, on_stop=self.stop)
+        return self._view
+
+    def _ipython_display_(self) -> None:
+        """Show the live view with a display id (the output gets the final card when the
+        run ends); views an earlier run of this cell showed are closed."""
+        from IPython.display import display
+
+        from ..notebook.run_outputs import show_run_view
+
+        view = self.view()
+        if view is None:
+            display({"text/plain": repr(self)}, raw=True)  # type: ignore[no-untyped-call]
+        else:
+            show_run_view(view)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        view = self.view()
+        if view is None:
+            return {"text/plain": repr(self)}
+        bundle: dict[str, Any] = view._repr_mimebundle_(include=include, exclude=exclude)
         return bundle
 
     # ------------------------------------------------------------------ lifecycle

@@ -17,6 +17,7 @@ notebook (or any frontend without widgets) shows the final figures and plot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import threading
@@ -137,10 +138,18 @@ class RunView:
         from IPython import display as ipython_display
 
         display: Callable[..., Any] = ipython_display.display
+        shown_final = self.progress.snapshot().is_final
         handle = display(self._repr_mimebundle_(), raw=True, display_id=True)
-        if handle is not None:
+        if handle is None:
+            return
+        with self._lock:
             self._handles.append(handle)
-        if self.progress.snapshot().is_final:
+        if not shown_final and self.progress.snapshot().is_final:
+            # the run ended while this output was being sent: a redraw may have published
+            # the final card before this handle was known
+            with contextlib.suppress(Exception):
+                handle.update(self._repr_mimebundle_(), raw=True)
+        if shown_final or self.progress.snapshot().is_final:
             self._final_published = True
 
     def _repr_html_(self) -> str:
