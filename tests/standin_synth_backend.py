@@ -9,7 +9,9 @@ depends on the candidate). It publishes events over SSE (``…/events/stream``, 
 ``Last-Event-ID``) and for polling (``…/events?since_seq=``), serves the status, and cancels
 on ``PATCH {"state": "cancelled"}``.
 
-Knobs a test sets: ``behaviour`` ("run", "fail", "stuck"), ``drop_stream_after`` (abort the
+Knobs a test sets: ``behaviour`` ("run", "fail", "stuck"; "hold": the job scores the baseline
+and one candidate, then stays running until cancelled), ``step_delay`` (seconds before each
+step, so the events arrive one by one), ``drop_stream_after`` (abort the
 first SSE connection after N events), ``sse`` (False: no stream, 404), ``silent_stream``
 (the stream stays open but sends only keep-alives), ``container_api_key``
 (the key Synth resolves server-side for an app it reaches directly, without a SynthTunnel
@@ -80,6 +82,7 @@ class StandInSynthBackend:
         self.sse = True
         self.container_api_key: str | None = None
         self.silent_stream = False
+        self.step_delay = 0.0
         self.requests: list[Recorded] = []
         self.stream_connections: list[dict[str, str | None]] = []
         self.rollouts: list[dict[str, Any]] = []
@@ -264,6 +267,7 @@ class StandInSynthBackend:
                   "env_name": gepa["env_name"]}
         job.candidates = {"baseline": seed_text, "cand_1": seed_text + IMPROVEMENT}
         total = 2 * len(seeds)
+        await asyncio.sleep(self.step_delay)
         baseline = await self._rollouts(job, config, "baseline", seeds)
         job.emit(f"{prefix}.baseline", "baseline evaluated", reward=baseline,
                  rollouts_completed=len(seeds), rollouts_total=total,
@@ -272,6 +276,7 @@ class StandInSynthBackend:
             raise RuntimeError(f"proposer crashed while reading job {job.body!r} "
                                f"(worker token {job.worker_token})")
         best_stages = [{**stages[0], "instruction": job.candidates["cand_1"]}]
+        await asyncio.sleep(self.step_delay)
         reward = await self._rollouts(job, config, "cand_1", seeds)
         job.emit(f"{prefix}.candidate.evaluated", "candidate evaluated", candidate_id="cand_1",
                  reward=reward, parent_id="baseline", generation=1,
@@ -280,6 +285,9 @@ class StandInSynthBackend:
         if reward > baseline:
             job.emit(f"{prefix}.candidate.new_best", "new best", candidate_id="cand_1",
                      reward=reward, generation=1)
+        if self.behaviour == "hold":
+            await asyncio.Event().wait()  # running until cancelled
+        await asyncio.sleep(self.step_delay)
         job.emit(f"{prefix}.job.progress", "progress", rollouts_completed=total,
                  rollouts_total=total, best_reward=best, baseline_reward=baseline)
         job.status.update(status="succeeded", best_reward=best, baseline_reward=baseline,

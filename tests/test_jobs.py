@@ -359,18 +359,18 @@ def test_overrides_and_backend_url(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_backend_url() == "http://localhost:8000"
 
 
-async def test_the_handle_displays_the_run_view_or_a_text_line(world: World) -> None:
+async def test_the_handle_displays_the_run_view(world: World) -> None:
     job = start(world)
     bundle = job._repr_mimebundle_(include=None, exclude=None)
-    assert "text/plain" in bundle
-    if job._view is not None:  # the run view is installed (its Stop button is job.cancel)
-        view = job._view
-        assert "text/html" in job._repr_mimebundle_(include=None, exclude=None)
-        assert job._view is view  # built once, lazily
-    else:
-        assert bundle["text/plain"].startswith("<HostedJob hosted gepa")
+    assert {"application/vnd.jupyter.widget-view+json", "text/html"} <= set(bundle)
+    assert bundle["text/plain"].startswith("hosted gepa · ")
+    view = job.view()
+    assert view is not None and view is job.view()  # built once, lazily
+    assert view.on_stop == job.cancel and view.stop_button.description == "Cancel"
     result = await job
     assert result.succeeded
+    view.close()
+    assert job.view() is not view  # a closed view is rebuilt when shown again
 
 
 def test_cancel_before_it_ever_started(monkeypatch: pytest.MonkeyPatch) -> None:

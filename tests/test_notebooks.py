@@ -88,5 +88,13 @@ def test_gepa_notebook_improves_the_prompt_through_the_tunnel() -> None:
     assert figures["best_score"] > figures["seed_score"] and figures["rollouts"] > 0
     run_cell = next(c for c in code if "start_gepa(" in c.source)
     assert "through_tunnel=True" in run_cell.source
-    shown = [o for o in run_cell.outputs if o["output_type"] == "execute_result"]
-    assert shown, "the run's view (or its text fallback) is displayed"
+    # the run view (widget + static card), its output updated to the final card
+    (shown,) = run_cell.outputs
+    assert shown["output_type"] == "display_data"
+    assert "application/vnd.jupyter.widget-view+json" in shown["data"]
+    card, text = shown["data"]["text/html"], shown["data"]["text/plain"]
+    assert 'data-state="succeeded"' in card and "Score threshold 1 reached" in card
+    assert f"{figures['best_score']:.3f}" in card and f"{figures['seed_score']:.3f}" in card
+    assert 'class="taskapp-run-best"' in card and 'class="taskapp-run-bars"' in card
+    assert "taskapp-diff-ins" in card  # the best prompt against the seed
+    assert text.startswith("local gepa · ") and ": succeeded · " in text
