@@ -47,7 +47,7 @@ def test_hosted_gepa_notebook_runs_against_the_standin(monkeypatch: pytest.Monke
     assert ast.literal_eval(results[-1]) == (
         "succeeded", 0.25, 1.0, {"main": "Answer the arithmetic question." + IMPROVEMENT})
     # The handle's cell shows the run view; its output was updated to the final card.
-    job_cell = next(c for c in nb.cells if c.cell_type == "code" and c.source.endswith("job"))
+    job_cell = next(c for c in nb.cells if "job = run_in_process_job(" in c.source)
     (shown,) = job_cell.outputs
     assert shown["output_type"] == "display_data"
     assert "application/vnd.jupyter.widget-view+json" in shown["data"]
