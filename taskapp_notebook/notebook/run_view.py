@@ -3,11 +3,11 @@
 It observes a :class:`~taskapp_notebook.progress.RunProgress` and never owns the run: the
 Stop / Cancel button calls the producer's ``on_stop``. Producers update the progress from
 any thread; the view only stores the latest snapshot there and redraws on a short-lived
-timer thread at most :attr:`RunView.min_interval` apart (the final state always drawn), by
-assigning ``HTML.value``, which reaches the frontend from threads while the kernel is idle
-(``tests/test_run_view_kernel.py`` shows it in a real kernel). While the run is under way a
-tick each second keeps the elapsed time current. A render error is logged and shown, never
-raised into the producer.
+timer thread at most :attr:`RunView.min_interval` apart (the final state is drawn at once,
+on the producer's thread), by assigning ``HTML.value``, which reaches the frontend from
+threads while the kernel is idle (``tests/test_run_view_kernel.py`` shows it in a real
+kernel). While the run is under way a tick each second keeps the elapsed time current. A
+render error is logged and shown, never raised into the producer.
 
 Displayed, it shows the widget plus a ``text/html`` card and ``text/plain``. IPython
 displays it with a display id; when the run ends the output is updated once, so a saved
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import threading
@@ -226,7 +227,22 @@ class RunView:
     # ------------------------------------------------------------------ redraws
 
     def _on_progress(self, snap: ProgressSnapshot) -> None:
-        """Subscriber (producer's thread): keep the snapshot, schedule a redraw. O(1)."""
+        """Subscriber (producer's thread): keep the snapshot, schedule a redraw. O(1) —
+        except for the final state, drawn at once on the producer's thread, so the output
+        has its final card before the producer hands out the run's result (a cell that
+        awaits the run, e.g. under nbclient, gets the update before it ends)."""
+        with self._lock:
+            if self._closed:
+                return
+            if snap.is_final:
+                self._pending = None
+                self._generation += 1  # a scheduled redraw has nothing left to do
+                timer, self._timer = self._timer, None
+                if timer is not None:
+                    timer.cancel()
+        if snap.is_final:
+            self._render()
+            return
         with self._lock:
             if self._closed:
                 return
@@ -319,7 +335,10 @@ class RunView:
         bundle = self._repr_mimebundle_()
         for handle in handles:
             try:
-                handle.update(bundle, raw=True)
+                # In an empty context ipykernel sends it as a reply to the request it runs
+                # now (a producer's asyncio task keeps the context of the cell that started
+                # it, and a client like nbclient only reads the outputs of the running cell).
+                contextvars.Context().run(handle.update, bundle, raw=True)
             except Exception:  # noqa: BLE001 - no kernel (plain Python): nothing to update
                 logger.debug("display update of the final run card failed", exc_info=True)
 
