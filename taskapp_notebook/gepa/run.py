@@ -380,9 +380,10 @@ class GepaRun:
 
     def _finish(self, outcome: str, message: str, result: GepaResult | None) -> None:
         self._ledger.push_counts(final=True)
-        self.progress.update(state=outcome, message=message,
-                             extra={"run_dir": str(self.options.run_dir or ""),
-                                    "model_calls": self.interceptor.calls})
+        extra: dict[str, Any] = {"model_calls": self.interceptor.calls}
+        if self.options.run_dir is not None:  # (an empty value would show a bare label)
+            extra = {"run_dir": str(self.options.run_dir), **extra}
+        self.progress.update(state=outcome, message=message, extra=extra)
         if result is not None:
             logger.info("GEPA run %r %s: %s", self.name, outcome, message)
 
