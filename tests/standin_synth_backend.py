@@ -11,7 +11,8 @@ on ``PATCH {"state": "cancelled"}``.
 
 Knobs a test sets: ``behaviour`` ("run", "fail", "stuck"; "hold": the job scores the baseline
 and one candidate, then stays running until cancelled), ``step_delay`` (seconds before each
-step, so the events arrive one by one), ``drop_stream_after`` (abort the
+step, so the events arrive one by one), ``refuse_cancel`` (the cancel answers HTTP 503),
+``drop_stream_after`` (abort the
 first SSE connection after N events), ``sse`` (False: no stream, 404), ``silent_stream``
 (the stream stays open but sends only keep-alives), ``container_api_key``
 (the key Synth resolves server-side for an app it reaches directly, without a SynthTunnel
@@ -83,6 +84,7 @@ class StandInSynthBackend:
         self.container_api_key: str | None = None
         self.silent_stream = False
         self.step_delay = 0.0
+        self.refuse_cancel = False
         self.requests: list[Recorded] = []
         self.stream_connections: list[dict[str, str | None]] = []
         self.rollouts: list[dict[str, Any]] = []
@@ -156,6 +158,8 @@ class StandInSynthBackend:
             return record
         job = self.jobs[job_id]
         self.cancels.append({"job_id": job_id, "body": record.body})
+        if self.refuse_cancel:
+            return JSONResponse({"detail": "cancel unavailable"}, status_code=503)
         if isinstance(record.body, dict) and record.body.get("state") == "cancelled":
             if job.task is not None and not job.task.done():
                 job.task.cancel()

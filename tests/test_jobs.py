@@ -199,6 +199,22 @@ async def test_cancel_cancels_on_the_backend_and_stops_the_app(world: World) -> 
     assert_everything_stopped(world, job)
 
 
+async def test_a_cancel_the_backend_refuses_is_said(world: World) -> None:
+    world.backend.behaviour = "stuck"
+    world.backend.refuse_cancel = True
+    job = start(world)
+    await asyncio.to_thread(wait_for, lambda: job.job_id is not None
+                            and job.progress.snapshot().state == "running")
+    job.cancel()
+    result = await job
+    assert result.state == "cancelled" and len(world.backend.cancels) == 1
+    assert result.error is not None and result.error.startswith("cancelled by the user; ")
+    assert "did not confirm the cancel" in result.error and "HTTP 503" in result.error
+    assert f"job {job.job_id} may still be running there" in result.error
+    assert job.progress.snapshot().message == result.error  # what the view shows
+    assert_everything_stopped(world, job)
+
+
 async def test_a_failed_job_comes_back_with_secrets_masked(world: World) -> None:
     world.backend.behaviour = "fail"
     events: list[dict[str, Any]] = []

@@ -117,13 +117,13 @@ async def _submit_and_follow(
             raise JobTimeoutError(f"Job {handle.job_id} did not end within {timeout:g} s; it "
                                   "was cancelled on the backend.") from None
         except asyncio.CancelledError:
-            await _cancel_on_backend(backend, handle)
+            refused = await _cancel_on_backend(backend, handle)
             if handle.cancel_reason is None:
                 raise  # the caller was cancelled (interrupt): cancelled job, stopped app
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            status = await _status_after_cancel(backend, handle)
+            status = await _status_after_cancel(backend, handle, scrub(refused or ""))
     except JobError as exc:
         text = scrub(str(exc))
         progress.update(state="failed", message=(text or type(exc).__name__).splitlines()[0][:300])
@@ -141,26 +141,35 @@ async def _submit_and_follow(
     raise error from cause
 
 
-async def _cancel_on_backend(backend: JobBackend, handle: HostedJob) -> None:
+async def _cancel_on_backend(backend: JobBackend, handle: HostedJob) -> str | None:
+    """Cancel the job on the backend; why that failed (None when it worked)."""
     if handle.job_id is None:
-        return
+        return None
     try:
         await asyncio.wait_for(asyncio.shield(backend.cancel(handle.job_id)), 15.0)
         logger.info("Cancelled job %s on the backend", handle.job_id)
+        return None
     except Exception as exc:  # the app stops regardless; say why the cancel did not land
         logger.warning("Could not cancel job %s on the backend: %s", handle.job_id,
                        type(exc).__name__)
+        return (str(exc) or type(exc).__name__).splitlines()[0][:200]
 
 
-async def _status_after_cancel(backend: JobBackend, handle: HostedJob) -> dict[str, Any]:
-    """The backend's status once more (scores so far), marked with how and why it ended."""
+async def _status_after_cancel(backend: JobBackend, handle: HostedJob,
+                               refused: str = "") -> dict[str, Any]:
+    """The backend's status once more (scores so far), marked with how and why it ended;
+    a cancel the backend did not confirm is said (the job may still run there)."""
     status: dict[str, Any] = {"job_id": handle.job_id}
     if handle.job_id is not None:
         try:
             status = await asyncio.wait_for(backend.status(handle.job_id), 5.0)
         except Exception as exc:  # the result still says what happened
             logger.debug("Status after cancel: %s", type(exc).__name__)
-    return {**status, "status": handle.cancel_outcome, "error": handle.cancel_reason}
+    error = handle.cancel_reason
+    if refused:
+        error = (f"{error}; the backend did not confirm the cancel ({refused}): job "
+                 f"{handle.job_id} may still be running there, cancel it on the backend")
+    return {**status, "status": handle.cancel_outcome, "error": error}
 
 
 def _finish_progress(progress: RunProgress, result: InProcessJobResult) -> None:
