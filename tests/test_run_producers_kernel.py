@@ -5,7 +5,8 @@ tests/gepa_task.py, the app served on the kernel's loop) and a hosted job (the s
 backend of tests/standin_synth_backend.py) are each the last expression of a cell. After the
 cell returned, widget updates keep arriving while the kernel is idle; a click on Stop /
 Cancel is sent as JupyterLab sends it (a ``comm_msg`` to the button's model); the output's
-display id then gets the final card. Re-running the start cell closes the old view.
+display id then gets the final card. Re-running the start cell replaces the run (or job) it
+started and closes the old view.
 """
 
 from __future__ import annotations
@@ -273,10 +274,24 @@ def test_hosted_job_live_and_cancel(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         monkeypatch.setenv("SYNTH_BACKEND_URL", url)
         kernel = Kernel(tmp_path)
         try:
-            shown = shown_view(kernel.execute(JOB_CELL, cell_id="job"))
-            assert 'data-state="pending"' in shown["data"]["text/html"]
+            first = shown_view(kernel.execute(JOB_CELL, cell_id="job"))
+            assert 'data-state="pending"' in first["data"]["text/html"]
+            old = kernel.json_line(IDS.format(name="job") + "first = job", "IDS")
+            assert old["widget"] == first["model_id"]
+            assert wait_for(lambda: len(backend.jobs) == 1, 30)
+            first_id = next(iter(backend.jobs))
+
+            # the user re-runs the cell: the first job is cancelled, its view closed
+            messages = kernel.execute(JOB_CELL, cell_id="job")
+            shown = shown_view(messages)
+            closed = {m["content"]["comm_id"] for m in messages
+                      if m["msg_type"] == "comm_close"}
+            assert {old["widget"], old["stop_button"], old["plot"]} <= closed
             ids = kernel.json_line(IDS.format(name="job"), "IDS")
-            assert ids["widget"] == shown["model_id"]
+            assert ids["widget"] == shown["model_id"] != old["widget"]
+            replaced = kernel.stdout("old = await first\nprint(old.state, '|', old.error)")
+            assert replaced.strip() == "cancelled | replaced by a new run of the same cell"
+            assert backend.cancels == [{"job_id": first_id, "body": {"state": "cancelled"}}]
 
             # the kernel is idle; the job's events reach the view: the seed, a candidate
             live = kernel.drain_until(
@@ -287,15 +302,15 @@ def test_hosted_job_live_and_cancel(tmp_path: Path, monkeypatch: pytest.MonkeyPa
                            m["content"]["execution_state"] == "busy" for m in live)
             assert "running" in states(live, ids["header"])
             assert polyline_points(updates(live, ids["plot"])[-1]) >= 2
-            job_id = next(iter(backend.jobs))
-            assert backend.cancels == []
+            (job_id,) = set(backend.jobs) - {first_id}
+            assert len(backend.cancels) == 1
 
             # Cancel, clicked as JupyterLab sends it: cancelled on the backend, app stopped
             kernel.click(ids["stop_button"])
             after = kernel.drain_until(
                 lambda ms: any(m["msg_type"] == "update_display_data" for m in ms), 60,
                 "the final card")
-            assert backend.cancels == [{"job_id": job_id, "body": {"state": "cancelled"}}]
+            assert backend.cancels[1:] == [{"job_id": job_id, "body": {"state": "cancelled"}}]
             seen = states(after, ids["header"])
             assert "stopping" in seen and seen[-1] == "cancelled", seen
             card = final_card(after, shown["display_id"])

@@ -281,6 +281,7 @@ def run_in_process_job(
     refuses, or a Cloudflare tunnel for a GEPA job. ``tunnel_mode`` defaults to
     ``"synthtunnel"`` (``"local"`` when the backend is on this machine, as synth-ai does).
     The app's key (``task_app_api_key`` or the runner's own) never leaves this machine.
+    Re-running the notebook cell cancels the job it started before.
     """
     from ..runner import InProcessTaskApp
 
@@ -329,7 +330,28 @@ def run_in_process_job(
             task_app.remove_listener(handle.on_app_change)
             await task_app.astop()
 
-    return HostedJob(runner, _new_progress(spec, name))
+    return _replacing_the_cells_job(HostedJob(runner, _new_progress(spec, name)))
+
+
+#: The last job each notebook cell started (by the frontend's cell id).
+_job_of_cell: dict[str, HostedJob] = {}
+
+
+def _replacing_the_cells_job(job: HostedJob) -> HostedJob:
+    """Re-running a cell replaces the job it started, as for a local GEPA run: the job
+    still going is cancelled on the backend and its app stopped (its view, in the cleared
+    output, is closed when the new one is shown)."""
+    from ..notebook.run_outputs import current_execution
+
+    cell, _ = current_execution()
+    if cell is None:
+        return job
+    old, _job_of_cell[cell] = _job_of_cell.get(cell), job
+    if old is not None and not old.done():
+        logger.info("Cancelling hosted job %s: replaced by a new run of the same cell",
+                    old.job_id or "(not created yet)")
+        old.cancel("replaced by a new run of the same cell")
+    return job
 
 
 def run_in_process_job_sync(**kwargs: Any) -> InProcessJobResult:
