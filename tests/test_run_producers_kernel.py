@@ -87,15 +87,28 @@ class Kernel:
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=60)
 
-    def execute(self, code: str, cell_id: str | None = None,
-                timeout: float = 60) -> list[Any]:
-        """Run ``code``; its iopub messages up to idle (other parents' too, in order)."""
+    def send(self, code: str, cell_id: str | None = None) -> str:
+        """Send an execute request; its msg_id."""
         metadata = {"cellId": cell_id} if cell_id else {}
         msg = self.kc.session.msg("execute_request", {
             "code": code, "silent": False, "store_history": True, "user_expressions": {},
             "allow_stdin": False, "stop_on_error": True}, metadata=metadata)
         self.kc.shell_channel.send(msg)
-        msg_id = msg["header"]["msg_id"]
+        return str(msg["header"]["msg_id"])
+
+    def reply(self, msg_id: str, timeout: float = 30) -> None:
+        """Read the execute reply to ``msg_id``; it must be ``ok``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self.kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
+            if reply["parent_header"].get("msg_id") == msg_id:
+                assert reply["content"]["status"] == "ok", reply["content"]
+                return
+
+    def execute(self, code: str, cell_id: str | None = None,
+                timeout: float = 60) -> list[Any]:
+        """Run ``code``; its iopub messages up to idle (other parents' too, in order)."""
+        msg_id = self.send(code, cell_id)
         messages = []
         deadline = time.monotonic() + timeout
         while True:
@@ -103,15 +116,10 @@ class Kernel:
             messages.append(message)
             errors = [m["content"] for m in messages if m["msg_type"] == "error"]
             assert not errors, errors
-            if (message["parent_header"].get("msg_id") == msg_id
-                    and message["msg_type"] == "status"
-                    and message["content"]["execution_state"] == "idle"):
+            if is_status(message, msg_id, "idle"):
                 break
-        while True:
-            reply = self.kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
-            if reply["parent_header"].get("msg_id") == msg_id:
-                assert reply["content"]["status"] == "ok", reply["content"]
-                return messages
+        self.reply(msg_id, max(0.1, deadline - time.monotonic()))
+        return messages
 
     def stdout(self, code: str, timeout: float = 60) -> str:
         return "".join(m["content"]["text"] for m in self.execute(code, timeout=timeout)
@@ -175,6 +183,12 @@ def updates(messages: list[Any], model_id: str) -> list[str]:
             and "value" in m["content"]["data"].get("state", {})]
 
 
+def is_status(message: Any, msg_id: str, state: str) -> bool:
+    return bool(message["msg_type"] == "status"
+                and message["parent_header"].get("msg_id") == msg_id
+                and message["content"]["execution_state"] == state)
+
+
 def polyline_points(html: str) -> int:
     found = re.search(r'class="taskapp-run-best" points="([^"]*)"', html)
     return len(found.group(1).split()) if found else 0
@@ -235,19 +249,25 @@ def test_local_gepa_run_live_rerun_and_stop(kernel: Kernel) -> None:
     plots = [polyline_points(svg) for svg in updates(live, ids["plot"])]
     assert len(plots) >= 2 and plots == sorted(plots), plots
 
-    # Stop, clicked as JupyterLab sends it: the run ends between iterations, best kept
+    # Stop, clicked as JupyterLab sends it while a cell awaits the run (ipykernel 7 takes
+    # the click meanwhile): the run ends between iterations, the best so far is kept, and
+    # the output gets its final card before the awaiting cell ends
+    waiting = kernel.send(
+        "result = await run\nprint('RESULT', json.dumps({'state': result.state, "
+        "'seed': result.seed_score, 'best': result.best_score, 'history': "
+        "len(result.history), 'budget': result.budget_used, 'message': result.message}))")
+    kernel.drain_until(lambda ms: any(is_status(m, waiting, "busy") for m in ms), 30,
+                       "the cell to start awaiting")
     kernel.click(ids["stop_button"])
-    after = kernel.drain_until(
-        lambda ms: any(m["msg_type"] == "update_display_data" for m in ms), 60,
-        "the final card")
+    after = kernel.drain_until(lambda ms: any(is_status(m, waiting, "idle") for m in ms), 60,
+                               "the awaiting cell to end")
+    kernel.reply(waiting)
     seen = states(after, ids["header"])
     assert "stopping" in seen and seen[-1] == "stopped", seen
     card = final_card(after, shown["display_id"])
-    result = kernel.json_line(
-        "result = await run\nprint('RESULT', json.dumps({'state': result.state, "
-        "'seed': result.seed_score, 'best': result.best_score, 'history': "
-        "len(result.history), 'budget': result.budget_used, 'message': result.message}))",
-        "RESULT")
+    (line,) = [m["content"]["text"] for m in after if m["msg_type"] == "stream"
+               and m["parent_header"].get("msg_id") == waiting]
+    result = json.loads(line.split("RESULT ", 1)[1])
     assert result["state"] == "stopped" and "stopped by the user" in result["message"]
     assert result["best"] > result["seed"]
     html = card["text/html"]
