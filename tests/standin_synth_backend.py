@@ -11,7 +11,8 @@ on ``PATCH {"state": "cancelled"}``.
 
 Knobs a test sets: ``behaviour`` ("run", "fail", "stuck"; "hold": the job scores the baseline
 and one candidate, then stays running until cancelled), ``step_delay`` (seconds before each
-step, so the events arrive one by one), ``refuse_cancel`` (the cancel answers HTTP 503),
+step, so the events arrive one by one), ``refuse_cancel`` (the cancel answers HTTP 503), ``create_delay`` (seconds the create's
+answer takes after the job exists),
 ``drop_stream_after`` (abort the
 first SSE connection after N events), ``sse`` (False: no stream, 404), ``silent_stream``
 (the stream stays open but sends only keep-alives), ``container_api_key``
@@ -85,6 +86,7 @@ class StandInSynthBackend:
         self.silent_stream = False
         self.step_delay = 0.0
         self.refuse_cancel = False
+        self.create_delay = 0.0
         self.requests: list[Recorded] = []
         self.stream_connections: list[dict[str, str | None]] = []
         self.rollouts: list[dict[str, Any]] = []
@@ -143,6 +145,7 @@ class StandInSynthBackend:
         job.status = {"job_id": job.id, "status": "queued"}
         self.jobs[job.id] = job
         job.task = asyncio.create_task(self._run(job))
+        await asyncio.sleep(self.create_delay)
         return {"job_id": job.id, "id": job.id, "status": "queued"}
 
     async def get_status(self, job_id: str, request: Request) -> Any:

@@ -199,6 +199,21 @@ async def test_cancel_cancels_on_the_backend_and_stops_the_app(world: World) -> 
     assert_everything_stopped(world, job)
 
 
+async def test_a_cancel_while_the_create_is_answered_cancels_on_the_backend(
+        world: World) -> None:
+    world.backend.behaviour = "stuck"
+    world.backend.create_delay = 0.5
+    job = start(world)
+    await asyncio.to_thread(wait_for, lambda: bool(world.backend.jobs))
+    assert job.job_id is None  # the backend made the job; its answer is on its way
+    job.cancel()
+    result = await job
+    (job_id,) = world.backend.jobs
+    assert result.state == "cancelled" and job.job_id == job_id
+    assert world.backend.cancels == [{"job_id": job_id, "body": {"state": "cancelled"}}]
+    assert_everything_stopped(world, job)
+
+
 async def test_a_cancel_the_backend_refuses_is_said(world: World) -> None:
     world.backend.behaviour = "stuck"
     world.backend.refuse_cancel = True

@@ -143,15 +143,9 @@ class GepaRun:
     def _ipython_display_(self) -> None:
         """Show the live view with a display id (the output gets the final card when the
         run ends); views an earlier run of this cell showed are closed."""
-        from IPython.display import display
+        from ..notebook.run_outputs import show_run
 
-        from ..notebook.run_outputs import show_run_view
-
-        view = self.view()
-        if view is None:
-            display({"text/plain": repr(self)}, raw=True)  # type: ignore[no-untyped-call]
-        else:
-            show_run_view(view)
+        show_run(self.view(), repr(self))
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         view = self.view()
@@ -257,6 +251,8 @@ class GepaRun:
     async def _close(self, adapter: TaskAppAdapter) -> None:
         try:
             await adapter.close()
+            if self._ledger.interrupted:  # rollouts cut short here still run in the app
+                await self.interceptor.drain()
         finally:
             await self.interceptor.stop()
 

@@ -183,15 +183,9 @@ class HostedJob:
     def _ipython_display_(self) -> None:
         """Show the live view with a display id (the output gets the final card when the
         job ends); views an earlier run of this cell showed are closed."""
-        from IPython.display import display
+        from ..notebook.run_outputs import show_run
 
-        from ..notebook.run_outputs import show_run_view
-
-        view = self.view()
-        if view is None:
-            display({"text/plain": repr(self)}, raw=True)  # type: ignore[no-untyped-call]
-        else:
-            show_run_view(view)
+        show_run(self.view(), repr(self))
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         view = self.view()

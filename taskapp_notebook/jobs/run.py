@@ -8,6 +8,7 @@ create the job → follow it (SSE) → read the final status → stop the app, i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -99,8 +100,7 @@ async def _submit_and_follow(
     stats: dict[str, int] = {}
     try:
         try:
-            job_id = handle.job_id = await backend.create(spec.path, spec.body,
-                                                          worker_token=header_token)
+            job_id = handle.job_id = await _create(backend, spec, header_token, handle)
             logger.info("Created %s job %s on %s for %s", spec.kind, job_id, host, task_app_url)
             progress.update(state="running", message=f"job {job_id} created",
                             extra={**progress.snapshot().extra, "job_id": job_id})
@@ -139,6 +139,20 @@ async def _submit_and_follow(
     finally:
         await backend.aclose()
     raise error from cause
+
+
+async def _create(backend: JobBackend, spec: JobSpec, worker_token: str | None,
+                  handle: HostedJob) -> str:
+    """Create the job. Cancelled while the request is on its way, it still learns the new
+    job's id (waiting up to 15 s), so the job is cancelled on the backend, not left running."""
+    creating = asyncio.ensure_future(backend.create(spec.path, spec.body,
+                                                    worker_token=worker_token))
+    try:
+        return await asyncio.shield(creating)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            handle.job_id = await asyncio.wait_for(creating, 15.0)
+        raise
 
 
 async def _cancel_on_backend(backend: JobBackend, handle: HostedJob) -> str | None:

@@ -50,6 +50,17 @@ def current_execution() -> tuple[str | None, str | None]:
     return (str(cell) if cell else None), (str(execution) if execution else None)
 
 
+def show_run(view: ClosableView | None, text: str) -> None:
+    """What a producer's ``_ipython_display_`` does: show its view (see
+    :func:`show_run_view`), or ``text`` when there is none (no ipywidgets)."""
+    if view is not None:
+        show_run_view(view)
+        return
+    from IPython.display import display
+
+    display({"text/plain": text}, raw=True)  # type: ignore[no-untyped-call]
+
+
 def show_run_view(view: ClosableView) -> None:
     """Display ``view`` in the current cell; close the views earlier runs of it showed."""
     cell, execution = current_execution()
