@@ -11,13 +11,13 @@ on ``PATCH {"state": "cancelled"}``.
 
 Knobs a test sets: ``behaviour`` ("run", "fail", "stuck"; "hold": the job scores the baseline
 and one candidate, then stays running until cancelled), ``step_delay`` (seconds before each
-step, so the events arrive one by one), ``refuse_cancel`` (the cancel answers HTTP 503), ``create_delay`` (seconds the create's
-answer takes after the job exists),
-``drop_stream_after`` (abort the
-first SSE connection after N events), ``sse`` (False: no stream, 404), ``silent_stream``
-(the stream stays open but sends only keep-alives), ``container_api_key``
-(the key Synth resolves server-side for an app it reaches directly, without a SynthTunnel
-agent to add it: the real backend holds the user's uploaded ENVIRONMENT_API_KEY).
+step, so the events arrive one by one), ``refuse_cancel`` (the cancel answers HTTP 503),
+``create_delay`` (seconds the create's answer takes after the job exists),
+``drop_stream_after`` (abort the first SSE connection after N events), ``sse`` (False: no
+stream, 404), ``silent_stream`` (the stream stays open but sends only keep-alives),
+``container_api_key`` (the key Synth resolves server-side for an app it reaches directly,
+without a SynthTunnel agent to add it: the real backend holds the user's uploaded
+ENVIRONMENT_API_KEY).
 """
 
 from __future__ import annotations

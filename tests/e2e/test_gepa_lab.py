@@ -99,6 +99,10 @@ def test_gepa_notebook_live_then_stop_in_jupyterlab(lab: JupyterServer, page: Pa
     page.run_cell_and_wait("%taskapp stop --all")
     assert kernel_true(page, "result.best_score > result.seed_score")
     assert kernel_true(page, "not task_app.is_running")
+    # no red line anywhere (the app's rollouts a stop cut short end quietly)
+    stderr = page.page.locator(
+        f"#{page.panel_id} [data-mime-type='application/vnd.jupyter.stderr']")
+    assert stderr.count() == 0, stderr.all_inner_texts()
     assert unexpected_errors(page.console_errors) == [], page.console_errors
 
 
