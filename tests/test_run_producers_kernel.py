@@ -268,8 +268,9 @@ def test_local_gepa_run_live_rerun_and_stop(kernel: Kernel) -> None:
     (line,) = [m["content"]["text"] for m in after if m["msg_type"] == "stream"
                and m["content"]["name"] == "stdout" and m["parent_header"].get("msg_id") == waiting]
     # no red line: the app's rollouts cut short on our side end quietly
-    assert not [m for m in live + after + kernel.drain(1.0) if m["msg_type"] == "stream"
-                and m["content"]["name"] == "stderr"]
+    red = [m["content"]["text"] for m in live + after + kernel.drain(1.0)
+           if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"]
+    assert red == [], "".join(red)
     result = json.loads(line.split("RESULT ", 1)[1])
     assert result["state"] == "stopped" and "stopped by the user" in result["message"]
     assert result["best"] > result["seed"]

@@ -30,7 +30,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -173,16 +173,19 @@ class Interceptor:
         logger.debug("Interceptor of run %s at %s", self.run_id, self.url)
         return self.url
 
-    async def drain(self, quiet: float = 0.3, limit: float = 10.0) -> None:
-        """Wait (at most ``limit`` s) until no call is in flight and none came for ``quiet``
-        s. After a stop cancelled rollouts on the run's side, the app's handlers of those
-        rollouts still run: served until they are done, they end quietly instead of failing
-        (and logging a traceback in the notebook) on a closed port."""
+    async def drain(self, app_busy: Callable[[], bool] | None = None, *, quiet: float = 0.3,
+                    limit: float = 10.0) -> None:
+        """Wait (at most ``limit`` s) until no call is in flight, none came for ``quiet`` s
+        and ``app_busy()`` (the app still serves rollouts) is false. After a stop cancelled
+        rollouts on the run's side, the app's handlers of those rollouts still run: served
+        until they are done, they end quietly instead of failing (and logging a traceback
+        in the notebook) on a closed port."""
         import asyncio
 
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline and (
-                self._in_flight or time.monotonic() - self._last_call < quiet):
+                self._in_flight or time.monotonic() - self._last_call < quiet
+                or (app_busy is not None and app_busy())):
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:

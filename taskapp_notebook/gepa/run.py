@@ -252,7 +252,9 @@ class GepaRun:
         try:
             await adapter.close()
             if self._ledger.interrupted:  # rollouts cut short here still run in the app
-                await self.interceptor.drain()
+                app = self.target.app
+                await self.interceptor.drain(
+                    None if app is None else lambda: app.stats.in_flight("/rollout") > 0)
         finally:
             await self.interceptor.stop()
 
