@@ -86,6 +86,18 @@ class Kernel:
         self.kc: BlockingKernelClient = self.km.client()
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=60)
+        #: Every iopub message read so far.
+        self.seen: list[Any] = []
+
+    def red_lines(self) -> str:
+        """Everything written to stderr so far (what JupyterLab shows in red)."""
+        return "".join(m["content"]["text"] for m in self.seen
+                       if m["msg_type"] == "stream" and m["content"]["name"] == "stderr")
+
+    def get(self, timeout: float) -> Any:
+        message = self.kc.get_iopub_msg(timeout=timeout)
+        self.seen.append(message)
+        return message
 
     def send(self, code: str, cell_id: str | None = None) -> str:
         """Send an execute request; its msg_id."""
@@ -112,7 +124,7 @@ class Kernel:
         messages = []
         deadline = time.monotonic() + timeout
         while True:
-            message = self.kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+            message = self.get(max(0.1, deadline - time.monotonic()))
             messages.append(message)
             errors = [m["content"] for m in messages if m["msg_type"] == "error"]
             assert not errors, errors
@@ -137,7 +149,7 @@ class Kernel:
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             try:
-                messages.append(self.kc.get_iopub_msg(timeout=left))
+                messages.append(self.get(left))
             except queue.Empty:
                 break
         return messages
@@ -150,7 +162,7 @@ class Kernel:
             left = deadline - time.monotonic()
             assert left > 0, f"timed out waiting for {what}"
             try:
-                messages.append(self.kc.get_iopub_msg(timeout=min(left, 1.0)))
+                messages.append(self.get(min(left, 1.0)))
             except queue.Empty:
                 pass
         return messages
@@ -268,9 +280,8 @@ def test_local_gepa_run_live_rerun_and_stop(kernel: Kernel) -> None:
     (line,) = [m["content"]["text"] for m in after if m["msg_type"] == "stream"
                and m["content"]["name"] == "stdout" and m["parent_header"].get("msg_id") == waiting]
     # no red line: the app's rollouts cut short on our side end quietly
-    red = [m["content"]["text"] for m in live + after + kernel.drain(1.0)
-           if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"]
-    assert red == [], "".join(red)
+    kernel.drain(1.0)
+    assert kernel.red_lines() == ""  # the rollouts both stops cut short ended quietly
     result = json.loads(line.split("RESULT ", 1)[1])
     assert result["state"] == "stopped" and "stopped by the user" in result["message"]
     assert result["best"] > result["seed"]
@@ -347,6 +358,8 @@ def test_hosted_job_live_and_cancel(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             state, got_id, app_state, port = out.split()
             assert (state, got_id, app_state) == ("cancelled", job_id, "stopped")
             assert port_is_free(int(port))
+            kernel.drain(0.5)
+            assert kernel.red_lines() == ""
             assert wait_for(lambda: backend.jobs[job_id].status["status"] == "cancelled", 5)
         finally:
             kernel.close()
