@@ -1,8 +1,9 @@
 """Local GEPA in JupyterLab, in headless Debian chromium: ``notebooks/gepa_local.ipynb`` run
 cell by cell as a user runs it (the in-kernel SynthTunnel relay, the task app on the
 kernel's loop, the notebook's stand-in model and reflection), then a longer run started in
-the same notebook and stopped from the page; and the notebook executed by nbclient without
-widget state, opened again.
+the same notebook and stopped from the page; the notebook executed by nbclient without
+widget state, opened again; and ``notebooks/hosted_gepa.ipynb`` against the stand-in Synth
+backend (``tests/standin_synth_backend.py``), cancelled from the page.
 
 The screenshot of the finished run (``gepa-view.png`` in the screenshot directory) is the
 one in ``docs/``.
@@ -17,6 +18,8 @@ import nbformat
 import pytest
 from labdriver import REPO, JupyterServer, Page, wait_for
 from nbclient import NotebookClient
+from standin_synth_backend import StandInSynthBackend
+from support import serve
 from test_lab import unexpected_errors
 
 pytestmark = [pytest.mark.browser, pytest.mark.kernel, pytest.mark.timeout(300)]
@@ -135,4 +138,45 @@ def test_saved_gepa_notebook_in_jupyterlab(lab: JupyterServer, page: Page) -> No
     assert card.locator("ins.taskapp-diff-ins").count() >= 1
     assert "Error displaying widget" not in page.page.inner_text(f"#{page.panel_id}")
     card.screenshot(path=str(page.screenshots / "gepa-view-saved-notebook.png"))
+    assert unexpected_errors(page.console_errors) == [], page.console_errors
+
+
+def test_hosted_job_cancelled_in_jupyterlab(lab: JupyterServer, page: Page) -> None:
+    """The hosted notebook's job against the stand-in backend: the view fills from the
+    job's events while the kernel is idle; Cancel in the page cancels the job on the
+    backend and stops the app."""
+    key = "synth-standin-key-browser-0123456789"
+    backend = StandInSynthBackend(key)
+    backend.behaviour = "hold"  # baseline and one candidate, then running until cancelled
+    backend.step_delay = 0.3
+    with serve(backend.app) as url:
+        page.open(lab, "notebooks/hosted_gepa.ipynb")
+        # the environment a user sets for the offline variant (see the notebook)
+        page.evaluate_in_kernel(f"__import__('os').environ.update(SYNTH_API_KEY={key!r}, "
+                                f"SYNTH_RUST_BACKEND_URL={url!r}, TASKAPP_DEMO_RELAY='1')")
+        for prefix in ("import os", "if os.environ", "import httpx"):
+            page.run_cell_and_wait(prefix)
+        cell = page.run_cell_and_wait("job = run_in_process_job(")
+        view = run_view(page, cell)
+        view.locator(".taskapp-run-badge[data-state='running']").wait_for(timeout=60_000)
+        wait_for(lambda: view.locator(".taskapp-run-candidate").count() >= 2, 60,
+                 "the baseline and a candidate")
+        view.locator("ins.taskapp-diff-ins").first.wait_for(timeout=30_000)
+        assert points(view) >= 2
+        button = view.locator("button.taskapp-run-stop")
+        assert button.inner_text().strip() == "Cancel" and button.is_enabled()
+        button.click()
+        view.locator(".taskapp-run-badge[data-state='cancelled']").wait_for(timeout=60_000)
+        (job_id,) = backend.jobs
+        assert backend.cancels == [{"job_id": job_id, "body": {"state": "cancelled"}}]
+        assert "cancelled by the user" in view.locator(".taskapp-run-message").inner_text()
+        assert tile(view, "best-score") == 1.0
+        view.screenshot(path=str(page.screenshots / "hosted-view-cancelled.png"))
+        page.run_cell_and_wait("result = await job")
+        assert page.evaluate_in_kernel("(result.state, str(job.task_app.state))") == \
+            "('cancelled', 'stopped')"
+        page.run_cell_and_wait("await http.aclose()")
+    stderr = page.page.locator(
+        f"#{page.panel_id} [data-mime-type='application/vnd.jupyter.stderr']")
+    assert stderr.count() == 0, stderr.all_inner_texts()
     assert unexpected_errors(page.console_errors) == [], page.console_errors
