@@ -35,7 +35,9 @@ from taskapp_notebook.jobs import (
     run_in_process_job_sync,
     submit_and_poll_job,
 )
+from taskapp_notebook.jobs.events import JobEventFeed
 from taskapp_notebook.models import RewardInfo, RolloutRequest, RolloutResponse, TaskAppConfig
+from taskapp_notebook.progress import CandidateSummary, RunProgress
 from taskapp_notebook.relay import RelayServer
 
 KEY = "synth-standin-key-0123456789"
@@ -459,3 +461,27 @@ async def test_a_changed_tunnel_url_is_reported(world: World) -> None:
     assert "tunnel URL changed" in job.progress.snapshot().message
     job.cancel()
     assert (await job).state == "cancelled"
+
+
+def test_the_event_feed_keeps_what_a_new_best_event_leaves_out() -> None:
+    progress = RunProgress("hosted gepa", "feed")
+    feed = JobEventFeed(progress, lambda text: text)
+    prefix = "learning.policy.gepa"
+    seed = {"stages": [{"stage_id": "main", "instruction": "Seed."}]}
+    better = {"stages": [{"stage_id": "main", "instruction": "Seed. Think."}]}
+    feed.event({"seq": 1, "type": f"{prefix}.baseline",
+                "data": {"reward": 0.25, "prompt": seed}})
+    feed.event({"seq": 2, "type": f"{prefix}.candidate.evaluated",
+                "data": {"candidate_id": "c1", "reward": 1.0, "parent_id": "baseline",
+                         "generation": 1, "prompt": better}})
+    feed.event({"seq": 3, "type": f"{prefix}.candidate.new_best",
+                "data": {"candidate_id": "c1", "reward": 1.0, "generation": 1}})
+    snap = progress.snapshot()
+    assert snap.candidate("c1") == CandidateSummary(
+        "c1", score=1.0, parents=("baseline",), iteration=1,
+        components={"main": "Seed. Think."})
+    assert snap.candidate("baseline") == CandidateSummary(
+        "baseline", score=0.25, components={"main": "Seed."})
+    # the plot starts at the baseline; the seed is not the "best" candidate by default
+    assert snap.score_history == ((0, 0.25), (1, 1.0)) and snap.best_candidate_id == "c1"
+    assert (snap.seed_score, snap.best_score) == (0.25, 1.0)

@@ -151,7 +151,7 @@ class JobEventFeed:
                 changes["seed_score"] = reward
                 self._candidate("baseline", reward, data, iteration=0)
                 if snap.best_score is None:  # the plot starts at the seed, as a local run's
-                    changes.update(best_score=reward, best_candidate_id="baseline")
+                    changes["best_score"] = reward
                     self.progress.add_score_point(0, reward)
         elif any(p in kind for p in (".candidate.evaluated", ".candidate.new_best",
                                      ".candidate_scored", ".proposal.scored")):
