@@ -294,8 +294,10 @@ def test_local_gepa_run_live_rerun_and_stop(kernel: Kernel) -> None:
     assert shown_iteration, card["text/plain"]  # the one it stopped in (discarded) or the last
     assert int(shown_iteration.group(1)) - result["history"] in (0, 1)
     assert "taskapp-diff-ins" in html
+    # nothing left behind: no run thread, no redraw timer of either view
     left = kernel.stdout("import threading\nprint([t.name for t in threading.enumerate() "
-                         "if t.name.startswith('taskapp-gepa')])\n%taskapp stop --all")
+                         "if t.name.startswith(('taskapp-gepa', 'taskapp-run-view'))])\n"
+                         "%taskapp stop --all")
     assert left.splitlines()[0] == "[]"
 
 
