@@ -49,9 +49,24 @@ class RequestStats:
         self.total_seconds = 0.0
         self.last_seconds: float | None = None
         self.recent: deque[RequestRecord] = deque(maxlen=recent)
+        self._in_flight: dict[str, int] = {}
+
+    def started(self, path: str) -> None:
+        """A request to ``path`` is being served (until :meth:`record`)."""
+        with self._lock:
+            self._in_flight[path] = self._in_flight.get(path, 0) + 1
+
+    def in_flight(self, path: str | None = None) -> int:
+        """Requests being served now (to ``path``, or all)."""
+        with self._lock:
+            if path is None:
+                return sum(self._in_flight.values())
+            return self._in_flight.get(path, 0)
 
     def record(self, method: str, path: str, status: int, seconds: float) -> None:
         with self._lock:
+            if self._in_flight.get(path, 0) > 0:
+                self._in_flight[path] -= 1
             self.count += 1
             if status >= 500:
                 self.errors += 1
@@ -100,6 +115,7 @@ class InstrumentedApp:
                 status = int(message["status"])
             await send(message)
 
+        self.stats.started(scope.get("path", "?"))
         try:
             await self.app(scope, receive, send_wrapper)
         finally:

@@ -9,11 +9,15 @@ depends on the candidate). It publishes events over SSE (``…/events/stream``, 
 ``Last-Event-ID``) and for polling (``…/events?since_seq=``), serves the status, and cancels
 on ``PATCH {"state": "cancelled"}``.
 
-Knobs a test sets: ``behaviour`` ("run", "fail", "stuck"), ``drop_stream_after`` (abort the
-first SSE connection after N events), ``sse`` (False: no stream, 404), ``silent_stream``
-(the stream stays open but sends only keep-alives), ``container_api_key``
-(the key Synth resolves server-side for an app it reaches directly, without a SynthTunnel
-agent to add it: the real backend holds the user's uploaded ENVIRONMENT_API_KEY).
+Knobs a test sets: ``behaviour`` ("run", "fail", "stuck"; "hold": the job scores the baseline
+and one candidate, then stays running until cancelled), ``step_delay`` (seconds before each
+step, so the events arrive one by one), ``refuse_cancel`` (the cancel answers HTTP 503),
+``create_delay`` (seconds the create's answer takes after the job exists),
+``drop_stream_after`` (abort the first SSE connection after N events), ``sse`` (False: no
+stream, 404), ``silent_stream`` (the stream stays open but sends only keep-alives),
+``container_api_key`` (the key Synth resolves server-side for an app it reaches directly,
+without a SynthTunnel agent to add it: the real backend holds the user's uploaded
+ENVIRONMENT_API_KEY).
 """
 
 from __future__ import annotations
@@ -80,6 +84,9 @@ class StandInSynthBackend:
         self.sse = True
         self.container_api_key: str | None = None
         self.silent_stream = False
+        self.step_delay = 0.0
+        self.refuse_cancel = False
+        self.create_delay = 0.0
         self.requests: list[Recorded] = []
         self.stream_connections: list[dict[str, str | None]] = []
         self.rollouts: list[dict[str, Any]] = []
@@ -138,6 +145,7 @@ class StandInSynthBackend:
         job.status = {"job_id": job.id, "status": "queued"}
         self.jobs[job.id] = job
         job.task = asyncio.create_task(self._run(job))
+        await asyncio.sleep(self.create_delay)
         return {"job_id": job.id, "id": job.id, "status": "queued"}
 
     async def get_status(self, job_id: str, request: Request) -> Any:
@@ -153,6 +161,8 @@ class StandInSynthBackend:
             return record
         job = self.jobs[job_id]
         self.cancels.append({"job_id": job_id, "body": record.body})
+        if self.refuse_cancel:
+            return JSONResponse({"detail": "cancel unavailable"}, status_code=503)
         if isinstance(record.body, dict) and record.body.get("state") == "cancelled":
             if job.task is not None and not job.task.done():
                 job.task.cancel()
@@ -264,6 +274,7 @@ class StandInSynthBackend:
                   "env_name": gepa["env_name"]}
         job.candidates = {"baseline": seed_text, "cand_1": seed_text + IMPROVEMENT}
         total = 2 * len(seeds)
+        await asyncio.sleep(self.step_delay)
         baseline = await self._rollouts(job, config, "baseline", seeds)
         job.emit(f"{prefix}.baseline", "baseline evaluated", reward=baseline,
                  rollouts_completed=len(seeds), rollouts_total=total,
@@ -272,6 +283,7 @@ class StandInSynthBackend:
             raise RuntimeError(f"proposer crashed while reading job {job.body!r} "
                                f"(worker token {job.worker_token})")
         best_stages = [{**stages[0], "instruction": job.candidates["cand_1"]}]
+        await asyncio.sleep(self.step_delay)
         reward = await self._rollouts(job, config, "cand_1", seeds)
         job.emit(f"{prefix}.candidate.evaluated", "candidate evaluated", candidate_id="cand_1",
                  reward=reward, parent_id="baseline", generation=1,
@@ -280,6 +292,9 @@ class StandInSynthBackend:
         if reward > baseline:
             job.emit(f"{prefix}.candidate.new_best", "new best", candidate_id="cand_1",
                      reward=reward, generation=1)
+        if self.behaviour == "hold":
+            await asyncio.Event().wait()  # running until cancelled
+        await asyncio.sleep(self.step_delay)
         job.emit(f"{prefix}.job.progress", "progress", rollouts_completed=total,
                  rollouts_total=total, best_reward=best, baseline_reward=baseline)
         job.status.update(status="succeeded", best_reward=best, baseline_reward=baseline,

@@ -69,7 +69,9 @@ def test_run_in_the_background_of_a_kernel(kernel: Kernel) -> None:
 
     reply = ok(kc, START_CELL, cell_id="gepa-start")
     assert "STATE pending" in reply.stdout or "STATE running" in reply.stdout  # returned at once
-    assert any("GepaRun" in out.get("text/plain", "") for out in reply.outputs)
+    (shown,) = reply.outputs  # the run view: widget, static card, text
+    assert "application/vnd.jupyter.widget-view+json" in shown and "text/html" in shown
+    assert shown["text/plain"].startswith("local gepa · kernel-run: ")
 
     # the kernel is idle: the run goes on, progress keeps arriving, the app answers /health
     first = probe(kernel)

@@ -44,10 +44,17 @@ def test_hosted_gepa_notebook_runs_against_the_standin(monkeypatch: pytest.Monke
     assert not [o for o in outputs if o.get("output_type") == "error"]
     results = [o["data"]["text/plain"] for o in outputs if o.get("output_type") ==
                "execute_result"]
-    # The handle displayed at once, then the awaited result.
-    assert results[0].startswith("<HostedJob hosted gepa")
     assert ast.literal_eval(results[-1]) == (
         "succeeded", 0.25, 1.0, {"main": "Answer the arithmetic question." + IMPROVEMENT})
+    # The handle's cell shows the run view; its output was updated to the final card.
+    job_cell = next(c for c in nb.cells if "job = run_in_process_job(" in c.source)
+    (shown,) = job_cell.outputs
+    assert shown["output_type"] == "display_data"
+    assert "application/vnd.jupyter.widget-view+json" in shown["data"]
+    card = shown["data"]["text/html"]
+    assert 'data-state="succeeded"' in card and "Cancel" not in card
+    assert "1.000" in card and "0.250" in card and "step by step" in card
+    assert shown["data"]["text/plain"].startswith("hosted gepa · ")
 
     (create,) = [r for r in backend.requests if r.method == "POST"]
     container_url = create.body["config"]["prompt_learning"]["container_url"]
@@ -87,7 +94,7 @@ def test_kernel_shutdown_cancels_the_hosted_job_and_stops_its_app(
         kernel = start_kernel(tmp_path)
         try:
             shown = ok(kernel.kc, JOB_CELL)  # returns at once: the job runs on
-            assert shown.outputs[0]["text/plain"].startswith("<HostedJob hosted gepa")
+            assert shown.outputs[0]["text/plain"].startswith("hosted gepa · ")
             assert wait_for(lambda: any(r.method == "POST" for r in backend.requests), 30)
             job_id = next(iter(backend.jobs))
             probe = ok(kernel.kc, "print('PORT', job.task_app.port, job.job_id)")

@@ -35,7 +35,9 @@ from taskapp_notebook.jobs import (
     run_in_process_job_sync,
     submit_and_poll_job,
 )
+from taskapp_notebook.jobs.events import JobEventFeed
 from taskapp_notebook.models import RewardInfo, RolloutRequest, RolloutResponse, TaskAppConfig
+from taskapp_notebook.progress import CandidateSummary, RunProgress
 from taskapp_notebook.relay import RelayServer
 
 KEY = "synth-standin-key-0123456789"
@@ -199,6 +201,37 @@ async def test_cancel_cancels_on_the_backend_and_stops_the_app(world: World) -> 
     assert_everything_stopped(world, job)
 
 
+async def test_a_cancel_while_the_create_is_answered_cancels_on_the_backend(
+        world: World) -> None:
+    world.backend.behaviour = "stuck"
+    world.backend.create_delay = 0.5
+    job = start(world)
+    await asyncio.to_thread(wait_for, lambda: bool(world.backend.jobs))
+    assert job.job_id is None  # the backend made the job; its answer is on its way
+    job.cancel()
+    result = await job
+    (job_id,) = world.backend.jobs
+    assert result.state == "cancelled" and job.job_id == job_id
+    assert world.backend.cancels == [{"job_id": job_id, "body": {"state": "cancelled"}}]
+    assert_everything_stopped(world, job)
+
+
+async def test_a_cancel_the_backend_refuses_is_said(world: World) -> None:
+    world.backend.behaviour = "stuck"
+    world.backend.refuse_cancel = True
+    job = start(world)
+    await asyncio.to_thread(wait_for, lambda: job.job_id is not None
+                            and job.progress.snapshot().state == "running")
+    job.cancel()
+    result = await job
+    assert result.state == "cancelled" and len(world.backend.cancels) == 1
+    assert result.error is not None and result.error.startswith("cancelled by the user; ")
+    assert "did not confirm the cancel" in result.error and "HTTP 503" in result.error
+    assert f"job {job.job_id} may still be running there" in result.error
+    assert job.progress.snapshot().message == result.error  # what the view shows
+    assert_everything_stopped(world, job)
+
+
 async def test_a_failed_job_comes_back_with_secrets_masked(world: World) -> None:
     world.backend.behaviour = "fail"
     events: list[dict[str, Any]] = []
@@ -359,18 +392,18 @@ def test_overrides_and_backend_url(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_backend_url() == "http://localhost:8000"
 
 
-async def test_the_handle_displays_the_run_view_or_a_text_line(world: World) -> None:
+async def test_the_handle_displays_the_run_view(world: World) -> None:
     job = start(world)
     bundle = job._repr_mimebundle_(include=None, exclude=None)
-    assert "text/plain" in bundle
-    if job._view is not None:  # the run view is installed (its Stop button is job.cancel)
-        view = job._view
-        assert "text/html" in job._repr_mimebundle_(include=None, exclude=None)
-        assert job._view is view  # built once, lazily
-    else:
-        assert bundle["text/plain"].startswith("<HostedJob hosted gepa")
+    assert {"application/vnd.jupyter.widget-view+json", "text/html"} <= set(bundle)
+    assert bundle["text/plain"].startswith("hosted gepa · ")
+    view = job.view()
+    assert view is not None and view is job.view()  # built once, lazily
+    assert view.on_stop == job.cancel and view.stop_button.description == "Cancel"
     result = await job
     assert result.succeeded
+    view.close()
+    assert job.view() is not view  # a closed view is rebuilt when shown again
 
 
 def test_cancel_before_it_ever_started(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -428,3 +461,27 @@ async def test_a_changed_tunnel_url_is_reported(world: World) -> None:
     assert "tunnel URL changed" in job.progress.snapshot().message
     job.cancel()
     assert (await job).state == "cancelled"
+
+
+def test_the_event_feed_keeps_what_a_new_best_event_leaves_out() -> None:
+    progress = RunProgress("hosted gepa", "feed")
+    feed = JobEventFeed(progress, lambda text: text)
+    prefix = "learning.policy.gepa"
+    seed = {"stages": [{"stage_id": "main", "instruction": "Seed."}]}
+    better = {"stages": [{"stage_id": "main", "instruction": "Seed. Think."}]}
+    feed.event({"seq": 1, "type": f"{prefix}.baseline",
+                "data": {"reward": 0.25, "prompt": seed}})
+    feed.event({"seq": 2, "type": f"{prefix}.candidate.evaluated",
+                "data": {"candidate_id": "c1", "reward": 1.0, "parent_id": "baseline",
+                         "generation": 1, "prompt": better}})
+    feed.event({"seq": 3, "type": f"{prefix}.candidate.new_best",
+                "data": {"candidate_id": "c1", "reward": 1.0, "generation": 1}})
+    snap = progress.snapshot()
+    assert snap.candidate("c1") == CandidateSummary(
+        "c1", score=1.0, parents=("baseline",), iteration=1,
+        components={"main": "Seed. Think."})
+    assert snap.candidate("baseline") == CandidateSummary(
+        "baseline", score=0.25, components={"main": "Seed."})
+    # the plot starts at the baseline; the seed is not the "best" candidate by default
+    assert snap.score_history == ((0, 0.25), (1, 1.0)) and snap.best_candidate_id == "c1"
+    assert (snap.seed_score, snap.best_score) == (0.25, 1.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 from pathlib import Path
 
@@ -68,15 +69,20 @@ def test_binder_installs_this_package_on_a_supported_python() -> None:
     assert "ipywidgets" in (binder / "requirements.txt").read_text()
 
 
-def test_gepa_notebook_improves_the_prompt_through_the_tunnel() -> None:
+def test_gepa_notebook_improves_the_prompt_through_the_tunnel(tmp_path: Path) -> None:
     """gepa_local.ipynb: the last code cell is a plain dict with best > seed; the cell that
-    needs a real model (tag ``skip-execution``) is not run."""
+    needs a real model (tag ``skip-execution``) is not run. Saved without widget state (as
+    ``nbconvert --execute`` or papermill leave it) and opened again, the run's cell shows
+    the static card with the final figures and the plot."""
     import ast
 
     path = NOTEBOOK_DIR / "gepa_local.ipynb"
-    nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=120, kernel_name="python3",
+    executed = nbformat.read(path, as_version=4)
+    NotebookClient(executed, timeout=120, kernel_name="python3", store_widget_state=False,
                    resources={"metadata": {"path": str(path.parent)}}).execute()
+    nbformat.write(executed, tmp_path / "gepa_local.ipynb")
+    nb = nbformat.read(tmp_path / "gepa_local.ipynb", as_version=4)
+    assert "widgets" not in nb.metadata
     code = [c for c in nb.cells if c.cell_type == "code"]
     skipped = [c for c in code if "skip-execution" in c.metadata.get("tags", [])]
     assert len(skipped) == 1 and skipped[0].execution_count is None
@@ -88,5 +94,16 @@ def test_gepa_notebook_improves_the_prompt_through_the_tunnel() -> None:
     assert figures["best_score"] > figures["seed_score"] and figures["rollouts"] > 0
     run_cell = next(c for c in code if "start_gepa(" in c.source)
     assert "through_tunnel=True" in run_cell.source
-    shown = [o for o in run_cell.outputs if o["output_type"] == "execute_result"]
-    assert shown, "the run's view (or its text fallback) is displayed"
+    # the run view (widget + static card), its output updated to the final card
+    (shown,) = run_cell.outputs
+    assert shown["output_type"] == "display_data"
+    assert "application/vnd.jupyter.widget-view+json" in shown["data"]
+    card, text = shown["data"]["text/html"], shown["data"]["text/plain"]
+    assert 'data-state="succeeded"' in card and "Score threshold 1 reached" in card
+    assert f"{figures['best_score']:.3f}" in card and f"{figures['seed_score']:.3f}" in card
+    # the plot: the best score per iteration, and the bars a sanitizer that drops SVG leaves
+    plot = re.search(r'class="taskapp-run-best" points="([^"]*)"', card)
+    assert plot is not None and len(plot.group(1).split()) >= 2
+    assert 'class="taskapp-run-bars"' in card
+    assert "taskapp-diff-ins" in card  # the best prompt against the seed
+    assert text.startswith("local gepa · ") and ": succeeded · " in text

@@ -30,7 +30,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -122,6 +122,8 @@ class Interceptor:
         self.errors = 0
         self._client: httpx.AsyncClient | None = None
         self._server: ServerHandle | None = None
+        self._in_flight = 0
+        self._last_call = 0.0
         self._secrets: list[str | None] = []
         if isinstance(upstream, Upstream):
             self._secrets = [upstream.api_key, *upstream.headers.values()]
@@ -170,6 +172,21 @@ class Interceptor:
         self.url = f"http://{shown}:{self._server.port}"
         logger.debug("Interceptor of run %s at %s", self.run_id, self.url)
         return self.url
+
+    async def drain(self, app_busy: Callable[[], bool] | None = None, *, quiet: float = 0.3,
+                    limit: float = 10.0) -> None:
+        """Wait (at most ``limit`` s) until no call is in flight, none came for ``quiet`` s
+        and ``app_busy()`` (the app still serves rollouts) is false. After a stop cancelled
+        rollouts on the run's side, the app's handlers of those rollouts still run: served
+        until they are done, they end quietly instead of failing (and logging a traceback
+        in the notebook) on a closed port."""
+        import asyncio
+
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline and (
+                self._in_flight or time.monotonic() - self._last_call < quiet
+                or (app_busy is not None and app_busy())):
+            await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
         """Close the listener and the upstream client. Idempotent."""
@@ -237,9 +254,15 @@ class Interceptor:
                 "stream_unsupported", "The interceptor needs whole replies: send stream=false."))
             return
         body["messages"] = apply_candidate(messages, candidate)
-        status, payload, call = await self._forward(body, candidate_id, rollout_id)
-        self._record(call)
-        await _respond(send, status, payload)
+        self._in_flight += 1
+        self._last_call = time.monotonic()
+        try:
+            status, payload, call = await self._forward(body, candidate_id, rollout_id)
+            self._record(call)
+            await _respond(send, status, payload)
+        finally:
+            self._in_flight -= 1
+            self._last_call = time.monotonic()
 
     def _route(self, parts: list[str]) -> tuple[str, str] | None:
         if len(parts) < 3 or parts[0] != self.run_id:

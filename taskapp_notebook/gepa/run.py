@@ -20,7 +20,6 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
-import importlib
 import logging
 import threading
 import time
@@ -40,6 +39,7 @@ from .run_options import ModelFunction, RunOptions, Upstream
 from .target import AppTarget
 
 if TYPE_CHECKING:
+    from ..notebook.run_view import RunView
     from ..runner import InProcessTaskApp
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class GepaRun:
         self._stop_reason = "stopped by the user"
         self._adapter: TaskAppAdapter | None = None
         self._thread: threading.Thread | None = None
-        self._view: Any = None
+        self._view: RunView | None = None
         self._result: GepaResult | None = None
         self._after: list[GepaRun] = []
         self._calls_written = 0
@@ -129,14 +129,29 @@ class GepaRun:
             check_can_block(self.target, "GepaRun.result()")
         return self._done.result(timeout)
 
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        if self._view is None:
-            try:  # lazily: the view needs ipywidgets (imported by name: built separately)
-                view_module = importlib.import_module("taskapp_notebook.notebook.run_view")
+    def view(self) -> RunView | None:
+        """The run's live view (a ``RunView``, built on first use; again if it was closed),
+        or None without ipywidgets. Its Stop button calls :meth:`stop`."""
+        if self._view is None or self._view.closed:
+            try:  # lazily: the view needs ipywidgets
+                from ..notebook.run_view import RunView
             except ImportError:
-                return {"text/plain": repr(self)}
-            self._view = view_module.RunView(self.progress, on_stop=self.stop)
-        bundle: dict[str, Any] = self._view._repr_mimebundle_(include=include, exclude=exclude)
+                return None
+            self._view = RunView(self.progress, on_stop=self.stop)
+        return self._view
+
+    def _ipython_display_(self) -> None:
+        """Show the live view with a display id (the output gets the final card when the
+        run ends); views an earlier run of this cell showed are closed."""
+        from ..notebook.run_outputs import show_run
+
+        show_run(self.view(), repr(self))
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        view = self.view()
+        if view is None:
+            return {"text/plain": repr(self)}
+        bundle: dict[str, Any] = view._repr_mimebundle_(include=include, exclude=exclude)
         return bundle
 
     # ------------------------------------------------------------------ lifecycle
@@ -236,6 +251,10 @@ class GepaRun:
     async def _close(self, adapter: TaskAppAdapter) -> None:
         try:
             await adapter.close()
+            if self._ledger.interrupted:  # rollouts cut short here still run in the app
+                app = self.target.app
+                await self.interceptor.drain(
+                    None if app is None else lambda: app.stats.in_flight("/rollout") > 0)
         finally:
             await self.interceptor.stop()
 
@@ -359,9 +378,10 @@ class GepaRun:
 
     def _finish(self, outcome: str, message: str, result: GepaResult | None) -> None:
         self._ledger.push_counts(final=True)
-        self.progress.update(state=outcome, message=message,
-                             extra={"run_dir": str(self.options.run_dir or ""),
-                                    "model_calls": self.interceptor.calls})
+        extra: dict[str, Any] = {"model_calls": self.interceptor.calls}
+        if self.options.run_dir is not None:  # (an empty value would show a bare label)
+            extra = {"run_dir": str(self.options.run_dir), **extra}
+        self.progress.update(state=outcome, message=message, extra=extra)
         if result is not None:
             logger.info("GEPA run %r %s: %s", self.name, outcome, message)
 

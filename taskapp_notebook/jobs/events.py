@@ -39,6 +39,10 @@ TERMINAL_STATUSES = SUCCESS_STATUSES | {"failed", "error", "errored", "cancelled
                                         "paused"}
 
 
+#: Where an event's data carries the candidate's prompt.
+_PROMPT_KEYS = ("candidate", "prompt", "best_candidate", "initial_candidate", "stages")
+
+
 def final_state(status: str) -> str:
     """A backend status word -> a :data:`~taskapp_notebook.progress.RunState`."""
     word = status.lower()
@@ -146,6 +150,9 @@ class JobEventFeed:
             if reward is not None:
                 changes["seed_score"] = reward
                 self._candidate("baseline", reward, data, iteration=0)
+                if snap.best_score is None:  # the plot starts at the seed, as a local run's
+                    changes["best_score"] = reward
+                    self.progress.add_score_point(0, reward)
         elif any(p in kind for p in (".candidate.evaluated", ".candidate.new_best",
                                      ".candidate_scored", ".proposal.scored")):
             cid = str(data.get("candidate_id") or data.get("id") or f"c{self.events_seen}")
@@ -214,10 +221,17 @@ class JobEventFeed:
     def _candidate(
         self, cid: str, reward: float | None, data: Mapping[str, Any], *, iteration: int
     ) -> None:
+        """Add or update a candidate; what an event leaves out (a ``new_best`` event carries
+        no prompt and no parent) is kept from the earlier events about it."""
+        current = self.progress.snapshot().candidate(cid)
         parent = data.get("parent_id")
-        components = candidate_components(data)
+        carried = {key: data[key] for key in _PROMPT_KEYS if key in data}
+        components = {k: self._scrub(v) for k, v in candidate_components(carried).items()} \
+            if carried else {}
         self.progress.upsert_candidate(CandidateSummary(
-            id=cid, score=reward, parents=(str(parent),) if parent else (),
-            on_front=bool(data.get("is_pareto", False)), iteration=iteration,
-            components={k: self._scrub(v) for k, v in components.items()},
+            id=cid, score=reward if reward is not None or current is None else current.score,
+            parents=(str(parent),) if parent else (current.parents if current else ()),
+            on_front=bool(data.get("is_pareto", current.on_front if current else False)),
+            iteration=iteration,
+            components=components or (dict(current.components) if current else {}),
         ))

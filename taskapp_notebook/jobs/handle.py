@@ -20,6 +20,7 @@ from ..progress import RunProgress
 from .events import SUCCESS_STATUSES, candidate_components
 
 if TYPE_CHECKING:
+    from ..notebook.run_view import RunView
     from ..runner import InProcessTaskApp
 
 __all__ = ["HostedJob", "InProcessJobResult"]
@@ -93,7 +94,7 @@ class HostedJob:
         #: The app URL the job was created with (set by the runner).
         self.submitted_url: str | None = None
         self._url_warned = False
-        self._view: Any = None
+        self._view: RunView | None = None
         loop = running_loop()
         if loop is not None:
             self._start(loop)
@@ -162,20 +163,35 @@ class HostedJob:
     # ----------------------------------------------------------------- display
 
     def display(self) -> Any:
-        """Show the run view (once per handle) and return it."""
+        """Show the run view and return it."""
         from IPython.display import display
 
         display(self)  # type: ignore[no-untyped-call]
         return self._view
 
-    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        try:
-            from ..notebook.run_view import RunView  # type: ignore[import-not-found,unused-ignore]
-        except ImportError:
-            return {"text/plain": repr(self)}
-        if self._view is None:
+    def view(self) -> RunView | None:
+        """The job's live view (a ``RunView``, built on first use; again if it was closed),
+        or None without ipywidgets. Its Cancel button calls :meth:`cancel`."""
+        if self._view is None or self._view.closed:
+            try:  # lazily: the view needs ipywidgets
+                from ..notebook.run_view import RunView
+            except ImportError:
+                return None
             self._view = RunView(self.progress, on_stop=self.cancel, stop_label="Cancel")
-        return self._view._repr_mimebundle_(**kwargs)
+        return self._view
+
+    def _ipython_display_(self) -> None:
+        """Show the live view with a display id (the output gets the final card when the
+        job ends); views an earlier run of this cell showed are closed."""
+        from ..notebook.run_outputs import show_run
+
+        show_run(self.view(), repr(self))
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        view = self.view()
+        if view is None:
+            return {"text/plain": repr(self)}
+        return view._repr_mimebundle_(**kwargs)
 
     # ----------------------------------------------------------------- internals
 

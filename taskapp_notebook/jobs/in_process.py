@@ -8,6 +8,7 @@ create the job → follow it (SSE) → read the final status → stop the app, i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -99,8 +100,7 @@ async def _submit_and_follow(
     stats: dict[str, int] = {}
     try:
         try:
-            job_id = handle.job_id = await backend.create(spec.path, spec.body,
-                                                          worker_token=header_token)
+            job_id = handle.job_id = await _create(backend, spec, header_token, handle)
             logger.info("Created %s job %s on %s for %s", spec.kind, job_id, host, task_app_url)
             progress.update(state="running", message=f"job {job_id} created",
                             extra={**progress.snapshot().extra, "job_id": job_id})
@@ -117,13 +117,13 @@ async def _submit_and_follow(
             raise JobTimeoutError(f"Job {handle.job_id} did not end within {timeout:g} s; it "
                                   "was cancelled on the backend.") from None
         except asyncio.CancelledError:
-            await _cancel_on_backend(backend, handle)
+            refused = await _cancel_on_backend(backend, handle)
             if handle.cancel_reason is None:
                 raise  # the caller was cancelled (interrupt): cancelled job, stopped app
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            status = await _status_after_cancel(backend, handle)
+            status = await _status_after_cancel(backend, handle, scrub(refused or ""))
     except JobError as exc:
         text = scrub(str(exc))
         progress.update(state="failed", message=(text or type(exc).__name__).splitlines()[0][:300])
@@ -141,26 +141,49 @@ async def _submit_and_follow(
     raise error from cause
 
 
-async def _cancel_on_backend(backend: JobBackend, handle: HostedJob) -> None:
+async def _create(backend: JobBackend, spec: JobSpec, worker_token: str | None,
+                  handle: HostedJob) -> str:
+    """Create the job. Cancelled while the request is on its way, it still learns the new
+    job's id (waiting up to 15 s), so the job is cancelled on the backend, not left running."""
+    creating = asyncio.ensure_future(backend.create(spec.path, spec.body,
+                                                    worker_token=worker_token))
+    try:
+        return await asyncio.shield(creating)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            handle.job_id = await asyncio.wait_for(creating, 15.0)
+        raise
+
+
+async def _cancel_on_backend(backend: JobBackend, handle: HostedJob) -> str | None:
+    """Cancel the job on the backend; why that failed (None when it worked)."""
     if handle.job_id is None:
-        return
+        return None
     try:
         await asyncio.wait_for(asyncio.shield(backend.cancel(handle.job_id)), 15.0)
         logger.info("Cancelled job %s on the backend", handle.job_id)
+        return None
     except Exception as exc:  # the app stops regardless; say why the cancel did not land
         logger.warning("Could not cancel job %s on the backend: %s", handle.job_id,
                        type(exc).__name__)
+        return (str(exc) or type(exc).__name__).splitlines()[0][:200]
 
 
-async def _status_after_cancel(backend: JobBackend, handle: HostedJob) -> dict[str, Any]:
-    """The backend's status once more (scores so far), marked with how and why it ended."""
+async def _status_after_cancel(backend: JobBackend, handle: HostedJob,
+                               refused: str = "") -> dict[str, Any]:
+    """The backend's status once more (scores so far), marked with how and why it ended;
+    a cancel the backend did not confirm is said (the job may still run there)."""
     status: dict[str, Any] = {"job_id": handle.job_id}
     if handle.job_id is not None:
         try:
             status = await asyncio.wait_for(backend.status(handle.job_id), 5.0)
         except Exception as exc:  # the result still says what happened
             logger.debug("Status after cancel: %s", type(exc).__name__)
-    return {**status, "status": handle.cancel_outcome, "error": handle.cancel_reason}
+    error = handle.cancel_reason
+    if refused:
+        error = (f"{error}; the backend did not confirm the cancel ({refused}): job "
+                 f"{handle.job_id} may still be running there, cancel it on the backend")
+    return {**status, "status": handle.cancel_outcome, "error": error}
 
 
 def _finish_progress(progress: RunProgress, result: InProcessJobResult) -> None:
@@ -272,6 +295,7 @@ def run_in_process_job(
     refuses, or a Cloudflare tunnel for a GEPA job. ``tunnel_mode`` defaults to
     ``"synthtunnel"`` (``"local"`` when the backend is on this machine, as synth-ai does).
     The app's key (``task_app_api_key`` or the runner's own) never leaves this machine.
+    Re-running the notebook cell cancels the job it started before.
     """
     from ..runner import InProcessTaskApp
 
@@ -320,7 +344,28 @@ def run_in_process_job(
             task_app.remove_listener(handle.on_app_change)
             await task_app.astop()
 
-    return HostedJob(runner, _new_progress(spec, name))
+    return _replacing_the_cells_job(HostedJob(runner, _new_progress(spec, name)))
+
+
+#: The last job each notebook cell started (by the frontend's cell id).
+_job_of_cell: dict[str, HostedJob] = {}
+
+
+def _replacing_the_cells_job(job: HostedJob) -> HostedJob:
+    """Re-running a cell replaces the job it started, as for a local GEPA run: the job
+    still going is cancelled on the backend and its app stopped (its view, in the cleared
+    output, is closed when the new one is shown)."""
+    from ..notebook.run_outputs import current_execution
+
+    cell, _ = current_execution()
+    if cell is None:
+        return job
+    old, _job_of_cell[cell] = _job_of_cell.get(cell), job
+    if old is not None and not old.done():
+        logger.info("Cancelling hosted job %s: replaced by a new run of the same cell",
+                    old.job_id or "(not created yet)")
+        old.cancel("replaced by a new run of the same cell")
+    return job
 
 
 def run_in_process_job_sync(**kwargs: Any) -> InProcessJobResult:

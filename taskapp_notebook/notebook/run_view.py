@@ -3,11 +3,11 @@
 It observes a :class:`~taskapp_notebook.progress.RunProgress` and never owns the run: the
 Stop / Cancel button calls the producer's ``on_stop``. Producers update the progress from
 any thread; the view only stores the latest snapshot there and redraws on a short-lived
-timer thread at most :attr:`RunView.min_interval` apart (the final state always drawn), by
-assigning ``HTML.value``, which reaches the frontend from threads while the kernel is idle
-(``tests/test_run_view_kernel.py`` shows it in a real kernel). While the run is under way a
-tick each second keeps the elapsed time current. A render error is logged and shown, never
-raised into the producer.
+timer thread at most :attr:`RunView.min_interval` apart (the final state is drawn at once,
+on the producer's thread), by assigning ``HTML.value``, which reaches the frontend from
+threads while the kernel is idle (``tests/test_run_view_kernel.py`` shows it in a real
+kernel). While the run is under way a tick each second keeps the elapsed time current. A
+render error is logged and shown, never raised into the producer.
 
 Displayed, it shows the widget plus a ``text/html`` card and ``text/plain``. IPython
 displays it with a display id; when the run ends the output is updated once, so a saved
@@ -17,6 +17,8 @@ notebook (or any frontend without widgets) shows the final figures and plot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import inspect
 import logging
 import threading
@@ -137,10 +139,18 @@ class RunView:
         from IPython import display as ipython_display
 
         display: Callable[..., Any] = ipython_display.display
+        shown_final = self.progress.snapshot().is_final
         handle = display(self._repr_mimebundle_(), raw=True, display_id=True)
-        if handle is not None:
+        if handle is None:
+            return
+        with self._lock:
             self._handles.append(handle)
-        if self.progress.snapshot().is_final:
+        if not shown_final and self.progress.snapshot().is_final:
+            # the run ended while this output was being sent: a redraw may have published
+            # the final card before this handle was known
+            with contextlib.suppress(Exception):
+                handle.update(self._repr_mimebundle_(), raw=True)
+        if shown_final or self.progress.snapshot().is_final:
             self._final_published = True
 
     def _repr_html_(self) -> str:
@@ -217,7 +227,22 @@ class RunView:
     # ------------------------------------------------------------------ redraws
 
     def _on_progress(self, snap: ProgressSnapshot) -> None:
-        """Subscriber (producer's thread): keep the snapshot, schedule a redraw. O(1)."""
+        """Subscriber (producer's thread): keep the snapshot, schedule a redraw. O(1) —
+        except for the final state, drawn at once on the producer's thread, so the output
+        has its final card before the producer hands out the run's result (a cell that
+        awaits the run, e.g. under nbclient, gets the update before it ends)."""
+        with self._lock:
+            if self._closed:
+                return
+            if snap.is_final:
+                self._pending = None
+                self._generation += 1  # a scheduled redraw has nothing left to do
+                timer, self._timer = self._timer, None
+                if timer is not None:
+                    timer.cancel()
+        if snap.is_final:
+            self._render()
+            return
         with self._lock:
             if self._closed:
                 return
@@ -310,7 +335,10 @@ class RunView:
         bundle = self._repr_mimebundle_()
         for handle in handles:
             try:
-                handle.update(bundle, raw=True)
+                # In an empty context ipykernel sends it as a reply to the request it runs
+                # now (a producer's asyncio task keeps the context of the cell that started
+                # it, and a client like nbclient only reads the outputs of the running cell).
+                contextvars.Context().run(handle.update, bundle, raw=True)
             except Exception:  # noqa: BLE001 - no kernel (plain Python): nothing to update
                 logger.debug("display update of the final run card failed", exc_info=True)
 

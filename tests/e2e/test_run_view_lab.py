@@ -7,8 +7,8 @@ generator). After the cell returned, the plot's SVG polyline grows, the candidat
 fills and the best prompt's diff shows; the texts meet WCAG AA contrast in the light and
 the dark theme; Stop reaches ``on_stop`` in the kernel and the badge turns "stopped"; after
 a kernel restart the badge says "disconnected".
-The light-theme screenshot (``gepa-view.png`` in the screenshot directory) is the one in
-``docs/``.
+Its screenshots are ``run-view-simulated*.png`` in the screenshot directory (the one in
+``docs/`` is of a real run: ``test_gepa_lab.py``).
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def test_run_view_live_in_jupyterlab(lab: JupyterServer, page: Page) -> None:
     ratios = view_contrasts(page, view)
     print(f"light theme contrast ratios: {ratios}")
     assert min(ratios.values()) >= 4.5, ratios  # WCAG AA for normal text
-    view.screenshot(path=str(page.screenshots / "gepa-view.png"))  # docs/gepa-view.png
+    view.screenshot(path=str(page.screenshots / "run-view-simulated.png"))
 
     # Stop: on_stop runs in the kernel, the run ends between iterations, the badge says so
     button = view.locator("button.taskapp-run-stop")
@@ -164,7 +164,7 @@ def test_run_view_live_in_jupyterlab(lab: JupyterServer, page: Page) -> None:
             "() => document.body.dataset.jpThemeLight === 'false'", timeout=30_000)
         dark = view_contrasts(page, view)
         print(f"dark theme contrast ratios: {dark}")
-        view.screenshot(path=str(page.screenshots / "gepa-view-dark.png"))
+        view.screenshot(path=str(page.screenshots / "run-view-simulated-dark.png"))
         assert min(dark.values()) >= 4.5, dark
     finally:
         page.page.evaluate(
@@ -211,5 +211,5 @@ def test_saved_run_card_in_jupyterlab(lab: JupyterServer, page: Page) -> None:
     assert card.locator(".taskapp-run-candidate", has_text="(best)").count() == 1
     assert card.locator("ins.taskapp-diff-ins").count() >= 1
     assert "Error displaying widget" not in page.page.inner_text(f"#{page.panel_id}")
-    card.screenshot(path=str(page.screenshots / "gepa-view-saved.png"))
+    card.screenshot(path=str(page.screenshots / "run-view-simulated-saved.png"))
     assert unexpected_errors(page.console_errors) == [], page.console_errors
