@@ -7,6 +7,7 @@ import concurrent.futures
 import logging
 import socket
 import threading
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -261,3 +262,44 @@ def test_stop_grace_must_be_a_finite_number_of_seconds(grace: object) -> None:
         InProcessTaskApp(app=health_app(), tunnel_mode="local", stop_grace=grace)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="stop_grace"):
         RelayConfig(stop_grace=grace)  # type: ignore[arg-type]
+
+
+def test_a_response_cut_by_the_grace_is_dropped_quietly(
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from fastapi.responses import StreamingResponse
+
+    in_handler = threading.Semaphore(0)
+    streams = FastAPI()
+
+    @streams.get("/health")
+    async def health() -> dict[str, bool]:
+        return {"healthy": True}
+
+    @streams.get("/stream")
+    async def first_chunk_then_stuck() -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"first chunk\n"
+            in_handler.release()
+            await asyncio.sleep(3600)
+            yield b"never sent\n"
+
+        return StreamingResponse(body(), media_type="text/plain")
+
+    port = free_port()
+    app = InProcessTaskApp(app=streams, tunnel_mode="local", serve_on="thread", port=port,
+                           api_key="k", stop_grace=0.1)
+    caplog.set_level(logging.DEBUG)
+    app.start()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(_raw_get, port, "/stream")
+        assert in_handler.acquire(timeout=30)
+        app.stop()
+        answer = call.result(30)
+    # The head and the first chunk arrived; the body was never completed (no final chunk),
+    # so the caller can tell it was cut, and the connection is closed.
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"first chunk" in answer
+    assert b"never sent" not in answer and not answer.endswith(b"0\r\n\r\n")
+    assert app.state is AppState.STOPPED and port_is_free(port)
+    assert _noisy(caplog.records, capfd.readouterr().err) == []
+    assert any("cancelled 1 request(s)" in line for line in app.events)
