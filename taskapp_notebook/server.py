@@ -6,7 +6,9 @@ of the package runs on it — the task app and the SynthTunnel relay — and thi
 only one that overrides uvicorn internals. Facts this relies on
 (kernel-facts.md): uvicorn must not capture signals inside a kernel, a failed lifespan calls
 ``sys.exit`` inside uvicorn, and uvicorn's own main loop and shutdown poll every 100 ms —
-we replace both with event-driven versions so start and stop take milliseconds.
+we replace both with event-driven versions so start and stop take milliseconds. Stop is
+bounded by ``stop_grace``; requests that outlive it are cancelled quietly (a 503 to the
+caller, a DEBUG line) instead of uvicorn's ERROR traceback per request.
 """
 
 from __future__ import annotations
