@@ -13,6 +13,9 @@ from .tunnels.base import TUNNEL_MODES, canonical_mode
 
 SERVE_ON = ("auto", "loop", "thread")
 
+#: Seconds a stop lets in-flight requests finish before it cancels them (``stop_grace``).
+DEFAULT_STOP_GRACE = 1.0
+
 
 def check_one_input(inputs: dict[str, Any]) -> str:
     """Exactly one of the four inputs is given; return its name."""
@@ -77,6 +80,21 @@ def check_timeout(value: object) -> float:
     ):
         raise InvalidParameterError(
             f"health_check_timeout must be a positive, finite number of seconds, got {value!r}."
+        )
+    return float(value)
+
+
+def check_stop_grace(value: object) -> float:
+    """Zero or a positive, finite number of seconds."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise InvalidParameterError(
+            f"stop_grace must be a finite number of seconds >= 0, got {value!r}: the time a "
+            "stop lets in-flight requests finish before cancelling them (0 cancels at once)."
         )
     return float(value)
 

@@ -88,6 +88,7 @@ class InProcessTaskApp:
         preconfigured_auth_token: str | None = None,
         api_key: str | None = None,
         health_check_timeout: float = 30.0,
+        stop_grace: float = params.DEFAULT_STOP_GRACE,
         auto_find_port: bool = True,
         skip_tunnel_verification: bool = True,
         force_new_tunnel: bool = False,
@@ -107,6 +108,7 @@ class InProcessTaskApp:
         params.check_preconfigured(self.tunnel_mode, preconfigured_url,
                                    preconfigured_auth_header, preconfigured_auth_token)
         timeout = params.check_timeout(health_check_timeout)
+        grace = params.check_stop_grace(stop_grace)
         params.check_serve_on(serve_on)
         params.check_callbacks(on_start=on_start, on_stop=on_stop)
         task_path: Path | None = None
@@ -129,6 +131,9 @@ class InProcessTaskApp:
         self._preconfigured_auth_token = preconfigured_auth_token
         self.api_key, self.api_key_source = params.resolve_api_key(api_key)
         self.health_check_timeout = timeout
+        #: Seconds a stop lets requests under way finish (the port is already free) before
+        #: it cancels them; their callers get 503. A failed start cancels at once.
+        self.stop_grace = grace
         self.auto_find_port = auto_find_port
         self.skip_tunnel_verification = skip_tunnel_verification
         self.force_new_tunnel = force_new_tunnel
@@ -454,7 +459,8 @@ class InProcessTaskApp:
             from .server import ServerHandle
             from .stats import InstrumentedApp
 
-            self._server = ServerHandle(InstrumentedApp(asgi_app, self.stats), sock)
+            self._server = ServerHandle(InstrumentedApp(asgi_app, self.stats), sock,
+                                        stop_grace=self.stop_grace)
             try:
                 await asyncio.wait_for(self._server.start(), self.health_check_timeout)
             except TimeoutError:
@@ -478,7 +484,8 @@ class InProcessTaskApp:
                 raise asyncio.CancelledError
         except BaseException as exc:
             with contextlib.suppress(BaseException):
-                await asyncio.shield(self._teardown())
+                # Never in service: requests under way (our hung health check) end at once.
+                await asyncio.shield(self._teardown(grace=0.0))
             self.url = self.task_app_worker_token = None
             registry.unregister(self)
             self._start_task = None
@@ -572,9 +579,10 @@ class InProcessTaskApp:
         self._stopped.set()
         logger.info("Task app %r stopped", self.name)
 
-    async def _teardown(self) -> None:
-        """Close tunnel, then server (listener first). Every step runs even if an interrupt
-        or cancellation lands in one; that is re-raised at the end. Idempotent."""
+    async def _teardown(self, grace: float | None = None) -> None:
+        """Close tunnel, then server (listener first; requests under way get ``grace``, by
+        default :attr:`stop_grace`). Every step runs even if an interrupt or cancellation
+        lands in one; that is re-raised at the end. Idempotent."""
         tunnel, server = self.tunnel, self._server
         self._server = None
         interrupted: BaseException | None = None
@@ -589,7 +597,7 @@ class InProcessTaskApp:
         if server is not None:
             for _ in range(2):  # once more if an interrupt cut the first attempt short
                 try:
-                    await server.stop()
+                    await server.stop(grace)
                     stopped = True
                     break
                 except Exception:  # noqa: BLE001
@@ -597,6 +605,9 @@ class InProcessTaskApp:
                     break
                 except BaseException as exc:  # noqa: BLE001
                     interrupted = interrupted or exc
+        if server is not None and server.cancelled_requests:
+            self.record_event(f"stop: cancelled {server.cancelled_requests} request(s) still "
+                              f"running after the {server.stop_grace:g} s grace (answered 503)")
         app, self._asgi_app = self._asgi_app, None
         if app is not None and stopped:
             from .loading import release_asgi_app

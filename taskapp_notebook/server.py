@@ -6,7 +6,9 @@ of the package runs on it — the task app and the SynthTunnel relay — and thi
 only one that overrides uvicorn internals. Facts this relies on
 (kernel-facts.md): uvicorn must not capture signals inside a kernel, a failed lifespan calls
 ``sys.exit`` inside uvicorn, and uvicorn's own main loop and shutdown poll every 100 ms —
-we replace both with event-driven versions so start and stop take milliseconds.
+we replace both with event-driven versions so start and stop take milliseconds. Stop is
+bounded by ``stop_grace``; requests that outlive it are cancelled quietly (a 503 to the
+caller, a DEBUG line) instead of uvicorn's ERROR traceback per request.
 """
 
 from __future__ import annotations
@@ -23,16 +25,29 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .errors import ServerStartError
+from .params import DEFAULT_STOP_GRACE
 
 logger = logging.getLogger(__name__)
 
 
-class _Server(uvicorn.Server):
-    """uvicorn.Server without signal capture and without 100 ms polling."""
+#: After the stop grace, how long cancelled handlers get to unwind and send their 503.
+UNWIND_TIMEOUT = 0.5
 
-    def __init__(self, config: uvicorn.Config) -> None:
+_STOPPED_BODY = b"The server stopped before this request finished.\n"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn.Server without signal capture, without 100 ms polling, and with a bounded,
+    quiet shutdown: requests still running when ``stop_grace`` ends are cancelled and their
+    callers answered ``503`` (see :class:`_QuietCancel`)."""
+
+    def __init__(self, config: uvicorn.Config, quiet: _QuietCancel, stop_grace: float) -> None:
         super().__init__(config)
         self.exit_event = asyncio.Event()
+        self.quiet = quiet
+        self.stop_grace = stop_grace
+        #: Requests cancelled because they were still running when the grace ended.
+        self.cancelled_requests = 0
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -46,30 +61,87 @@ class _Server(uvicorn.Server):
                 await asyncio.wait_for(self.exit_event.wait(), timeout=1.0)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Close the listener first (the port is free now), end idle keep-alive connections,
+        # and let requests under way finish within the grace.
         for server in self.servers:
             server.close()
         for sock in sockets or []:
             sock.close()
         for connection in list(self.server_state.connections):
             connection.shutdown()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + (self.config.timeout_graceful_shutdown or 5.0)
-        delay = 0.0005
-        while (self.server_state.connections or self.server_state.tasks) and not self.force_exit:
-            if loop.time() >= deadline:
-                logger.warning(
-                    "Cancelling %d request(s) still running at shutdown",
-                    len(self.server_state.tasks),
-                )
-                for task in self.server_state.tasks:
-                    task.cancel()
-                for connection in list(self.server_state.connections):
-                    connection.transport.close()
-                break
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        await self._drain(self.stop_grace)
+        running = [task for task in self.server_state.tasks if not task.done()]
+        if running and not self.force_exit:
+            self.cancelled_requests += len(running)
+            logger.debug("Stop grace of %g s over: cancelling %d request(s) still running",
+                         self.stop_grace, len(running))
+            self.quiet.cancelling = True
+            for task in running:
+                task.cancel()
+            await asyncio.wait(running, timeout=UNWIND_TIMEOUT)
+        for connection in list(self.server_state.connections):
+            connection.transport.close()
         if not self.force_exit:
             await self.lifespan.shutdown()
+
+    async def _drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for every connection and request to end."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.0005
+        while (self.server_state.connections or self.server_state.tasks) and not self.force_exit:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.05)
+
+
+class _QuietCancel:
+    """ASGI wrapper: an HTTP request that the stop cancels on purpose ends cleanly.
+
+    Without it uvicorn logs the ``CancelledError`` at ERROR with a traceback. Here the
+    request is logged at DEBUG and its caller gets ``503`` with ``Connection: close``; when
+    the response had already started it cannot be completed, so the connection is dropped
+    (the cycle marked disconnected, so uvicorn does not report an unfinished response).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        #: Set by the server once the grace is over: a cancellation from then on is ours.
+        self.cancelling = False
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        except asyncio.CancelledError:
+            if not self.cancelling:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            logger.debug("Request %s %s cancelled: still running when the stop grace ended",
+                         scope.get("method"), scope.get("path"))
+            await _answer_stopped(send)
+
+
+async def _answer_stopped(send: Any) -> None:
+    cycle = getattr(send, "__self__", None)  # uvicorn's RequestResponseCycle
+    if getattr(cycle, "response_started", False):
+        cycle.disconnected = True  # type: ignore[union-attr]
+        cycle.transport.close()  # type: ignore[union-attr]
+        return
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(_STOPPED_BODY)).encode()),
+        (b"connection", b"close"),
+    ]
+    with contextlib.suppress(Exception):  # the caller may be gone; nothing to tell then
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": _STOPPED_BODY})
 
 
 class _CoalescedWrites:
@@ -176,7 +248,8 @@ class ServerHandle:
 
     ``options`` go to ``uvicorn.Config`` (the relay sets ``http``, ``ws``, ``lifespan``...).
     An ``app`` with a ``lifespan_error`` attribute (``stats.InstrumentedApp``) has it quoted
-    when its lifespan startup fails.
+    when its lifespan startup fails. ``stop_grace``: seconds :meth:`stop` lets requests
+    under way finish (after the listener is closed) before cancelling them quietly.
     """
 
     def __init__(
@@ -184,7 +257,7 @@ class ServerHandle:
         app: Any,
         sock: socket.socket,
         *,
-        graceful_timeout: float = 5.0,
+        stop_grace: float = DEFAULT_STOP_GRACE,
         **options: Any,
     ) -> None:
         self.app = app
@@ -195,11 +268,11 @@ class ServerHandle:
             "access_log": False,
             "lifespan": "auto",
             "http": http_protocol(),
-            "timeout_graceful_shutdown": int(graceful_timeout) or 1,
             **options,
         }
-        config = uvicorn.Config(app, host=host, port=port, **settings)
-        self.server = _Server(config)
+        quiet = _QuietCancel(app)
+        config = uvicorn.Config(quiet, host=host, port=port, **settings)
+        self.server = _Server(config, quiet, stop_grace)
         self.task: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -258,8 +331,20 @@ class ServerHandle:
         self.close_listener()
         self.server.exit_event.set()
 
-    async def stop(self) -> None:
-        """Close the listener first, then shut the server down. Idempotent."""
+    @property
+    def cancelled_requests(self) -> int:
+        """Requests cancelled because they outlived the stop grace."""
+        return self.server.cancelled_requests
+
+    @property
+    def stop_grace(self) -> float:
+        return self.server.stop_grace
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Close the listener first, then shut the server down: requests under way get
+        ``grace`` seconds (default: ``stop_grace``), then are cancelled. Idempotent."""
+        if grace is not None:
+            self.server.stop_grace = grace
         task = self.task
         if task is None:
             self.sock.close()

@@ -56,6 +56,7 @@ class Reply:
 
     status: str
     stdout: str = ""
+    stderr: str = ""
     outputs: list[dict[str, Any]] = field(default_factory=list)
     ename: str | None = None
     evalue: str | None = None
@@ -91,6 +92,8 @@ def collect(kc: BlockingKernelClient, msg_id: str, timeout: float = 60) -> Reply
         kind, content = msg["msg_type"], msg["content"]
         if kind == "stream" and content["name"] == "stdout":
             reply.stdout += content["text"]
+        elif kind == "stream" and content["name"] == "stderr":
+            reply.stderr += content["text"]
         elif kind in ("display_data", "execute_result"):
             reply.outputs.append(content["data"])
         elif kind == "error":
@@ -494,3 +497,50 @@ def test_sigkilled_kernel_leaves_no_child_and_no_listener(fresh_kernel: Kernel,
     psutil.wait_procs(family, timeout=10)
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family)
     assert all(port_is_free(p) for p in ports)
+
+
+STUCK_CELL = """%%taskapp --tunnel local --no-widget
+import asyncio
+from fastapi import FastAPI
+
+app = FastAPI()
+entered = globals().setdefault("entered", [])
+
+@app.get("/health")
+def health():
+    return {"ok": True}
+
+@app.get("/stuck")
+async def stuck():
+    entered.append(1)
+    await asyncio.sleep(3600)
+"""
+
+
+def test_rerun_with_a_stuck_request_cancels_it_quietly(kernel: Kernel) -> None:
+    kc = kernel.kc
+    ok(kc, STUCK_CELL, cell_id="cell-stuck")
+    port = probe(kc)["apps"][0][2]
+    answer: list[object] = []
+
+    def call() -> None:
+        try:
+            answer.append(httpx.get(f"http://127.0.0.1:{port}/stuck", timeout=60,
+                                    trust_env=False).status_code)
+        except httpx.HTTPError as exc:
+            answer.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    deadline = time.monotonic() + 30
+    while "ENTERED 1" not in ok(kc, "print('ENTERED', len(entered))").stdout:
+        assert time.monotonic() < deadline, "the request never reached the handler"
+        time.sleep(0.05)
+    rerun = ok(kc, STUCK_CELL, cell_id="cell-stuck")  # stops the app (grace), starts anew
+    caller.join(30)
+    noisy = [word for word in ("Traceback", "CancelledError", "ERROR") if word in rerun.stderr]
+    assert noisy == [], rerun.stderr
+    assert answer == [503]
+    assert len(probe(kc)["apps"]) == 1
+    ok(kc, "%taskapp stop --all")
+    assert kernel.app_listening_ports() == set()

@@ -52,6 +52,9 @@ class RelayConfig:
     #: Open connections (callers and agents) at most; None = derived from the fd limit.
     #: At the cap, idle connections and ones still sending headers are closed oldest first.
     max_connections: int | None = None
+    #: On stop, time requests still under way get to finish (the port is already closed and
+    #: proxied requests already failed) before they are cancelled and answered 503.
+    stop_grace: float = 5.0
     #: SQLite file that keeps leases across restarts; None keeps them in memory only.
     state_path: str | PathLike[str] | None = None
 
@@ -61,6 +64,13 @@ class RelayConfig:
         ):
             raise ValueError(
                 f"RelayConfig.state_path must be a file path or None, got {self.state_path!r}."
+            )
+        grace = self.stop_grace
+        if isinstance(grace, bool) or not isinstance(grace, int | float) or not (
+            0 <= grace < float("inf")
+        ):
+            raise ValueError(
+                f"RelayConfig.stop_grace must be a finite number of seconds >= 0, got {grace!r}."
             )
         positive = {
             "max_inflight": self.max_inflight,

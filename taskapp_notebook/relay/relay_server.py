@@ -154,7 +154,7 @@ class RelayServer:
         server = ServerHandle(
             RelayApp(state),
             sock,
-            graceful_timeout=5.0,
+            stop_grace=self.config.stop_grace,
             timeout_keep_alive=self.config.keep_alive_timeout,
             **uvicorn_options(guard, endpoint.protocol_class),
             interface="asgi3",
