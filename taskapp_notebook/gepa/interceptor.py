@@ -173,13 +173,15 @@ class Interceptor:
         logger.debug("Interceptor of run %s at %s", self.run_id, self.url)
         return self.url
 
-    async def drain(self, app_busy: Callable[[], bool] | None = None, *, quiet: float = 0.3,
+    async def drain(self, app_busy: Callable[[], bool] | None = None, *, quiet: float = 1.0,
                     limit: float = 10.0) -> None:
         """Wait (at most ``limit`` s) until no call is in flight, none came for ``quiet`` s
         and ``app_busy()`` (the app still serves rollouts) is false. After a stop cancelled
         rollouts on the run's side, the app's handlers of those rollouts still run: served
         until they are done, they end quietly instead of failing (and logging a traceback
-        in the notebook) on a closed port."""
+        in the notebook) on a closed port. ``quiet`` covers a rollout request still on its way
+        to the app when the stop came (not yet counted by ``app_busy``): 0.3 s proved too
+        short on a loaded 2-core machine."""
         import asyncio
 
         deadline = time.monotonic() + limit
