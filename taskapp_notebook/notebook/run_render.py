@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from ..progress import CandidateSummary, ProgressSnapshot
+from .presenter import format_uptime
 from .prompt_diff import prompt_diff
 from .run_plot import score_plot
 from .run_style import (
@@ -60,20 +61,6 @@ def score(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
-def duration(seconds: float | None) -> str:
-    """``42s``, ``3m 05s``, ``2h 07m``; ``—`` when unknown."""
-    if seconds is None:
-        return "—"
-    total = int(max(0.0, seconds))
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    if minutes:
-        return f"{minutes}m {secs:02d}s"
-    return f"{secs}s"
-
-
 def shown_extras(snapshot: ProgressSnapshot) -> tuple[tuple[str, str], ...]:
     """``extra`` items fit to show: no key that looks like a credential, values cut short."""
     items = []
@@ -116,7 +103,7 @@ def facts(snapshot: ProgressSnapshot, state: str | None = None) -> RunFacts:
         rollouts=str(snap.rollouts),
         rate=rate,
         errors=errors,
-        elapsed=duration(snap.elapsed),
+        elapsed=format_uptime(snap.elapsed),
         candidates=f"{len(snap.candidates)} ({on_front} on the Pareto front)",
         extras=shown_extras(snap),
     )
