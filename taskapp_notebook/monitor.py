@@ -5,7 +5,7 @@ While the app runs, a ``HealthMonitor`` keeps two workers:
 * a watchdog **thread** that posts a no-op onto the app's loop every ``ping`` seconds and
   times how long the loop takes to run it. A loop blocked by a synchronous cell cannot
   time itself; the thread can, and reports ``"kernel busy (N s)"`` while it waits
-  (kernel-facts.md #1: a server on the kernel loop is stalled, not down);
+  (docs/kernel-facts.md #1: a server on the kernel loop is stalled, not down);
 * a **task on the app's loop** that does a light ``GET /health`` with the app key every
   ``interval`` seconds. A check that fails while the loop was busy is not held against
   the app.

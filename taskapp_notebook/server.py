@@ -4,7 +4,7 @@
 kernel's loop, or the loop of a :class:`~taskapp_notebook.loops.LoopThread`). Every server
 of the package runs on it — the task app and the SynthTunnel relay — and this module is the
 only one that overrides uvicorn internals. Facts this relies on
-(kernel-facts.md): uvicorn must not capture signals inside a kernel, a failed lifespan calls
+(docs/kernel-facts.md): uvicorn must not capture signals inside a kernel, a failed lifespan calls
 ``sys.exit`` inside uvicorn, and uvicorn's own main loop and shutdown poll every 100 ms —
 we replace both with event-driven versions so start and stop take milliseconds. Stop is
 bounded by ``stop_grace``; requests that outlive it are cancelled quietly (a 503 to the
@@ -296,7 +296,7 @@ class ServerHandle:
             await self.server.serve(sockets=[self.sock])
         except SystemExit as exc:
             # uvicorn calls sys.exit() when lifespan startup fails; never let it reach
-            # the kernel (kernel-facts.md #3).
+            # the kernel (docs/kernel-facts.md #3).
             error = getattr(self.app, "lifespan_error", None)
             reason = error or f"uvicorn exited with code {exc.code}"
             raise ServerStartError(

@@ -15,6 +15,8 @@ def test_cited_docs_exist_and_nothing_outside_the_repository_is_cited() -> None:
         text = path.read_text()
         assert "/work/" not in text and "shared/design" not in text, path
         cited.update(re.findall(r"docs/[\w./-]+\.md", text))
-    assert "docs/synthtunnel-protocol.md" in cited
+    assert "docs/synthtunnel-protocol.md" in cited and "docs/kernel-facts.md" in cited
+    bare = [str(p) for p in SOURCES if re.search(r"(?<!docs/)\bkernel-facts\.md", p.read_text())]
+    assert not bare, f"cite kernel facts by their repository path: {bare}"
     missing = sorted(doc for doc in cited if not (ROOT / doc).is_file())
     assert not missing, f"cited but not in the repository: {missing}"

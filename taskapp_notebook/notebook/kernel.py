@@ -4,7 +4,7 @@
   VS Code as ``metadata.cellId``) so re-running a cell can replace the app it started.
 * The kernel's ``shutdown_request`` handler is wrapped on *both* ``control_handlers`` and
   ``shell_handlers``: every app stops (bounded wait) before ipykernel replies and stops its
-  loops. ``atexit`` is the second line of defence (kernel-facts.md #5).
+  loops. ``atexit`` is the second line of defence (docs/kernel-facts.md #5).
 * ``uninstall()`` restores exactly what ``install()`` replaced.
 
 ``run_in_namespace`` runs a ``%%taskapp`` body the way the kernel runs a cell.

@@ -3,7 +3,7 @@
 The view observes the app (``add_listener``) and its :class:`~taskapp_notebook.monitor.
 HealthMonitor` (ticks, also from the monitor's watchdog thread while a cell blocks the
 kernel loop) and re-renders by assigning ``HTML.value`` — which reaches the frontend from
-threads and tasks (kernel-facts.md #8). It never owns the app: Start / Stop / Restart call
+threads and tasks (docs/kernel-facts.md #8). It never owns the app: Start / Stop / Restart call
 ``app.start()`` / ``app.stop()``, and their errors land in the panel's error line.
 
 Displayed, it offers the widget view plus ``text/html`` and ``text/plain`` fallbacks, so a

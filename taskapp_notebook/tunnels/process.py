@@ -3,7 +3,7 @@
 :class:`ManagedProcess` owns one child; :class:`SubprocessTunnel` is the lifecycle of a
 tunnel backend built on one (status, deadline loop, errors with log lines, DOWN on exit).
 
-Behaviour (see ``kernel-facts.md`` facts 4, 5 and 9):
+Behaviour (see ``docs/kernel-facts.md`` facts 4, 5 and 9):
 
 * The child runs in its **own session** (``start_new_session=True``), so "Interrupt kernel"
   (SIGINT to the kernel's process group) and ipykernel's shutdown sweep of its group do not
