@@ -4,11 +4,13 @@ tests/e2e can have its own conftest without the two shadowing each other as ``co
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -75,3 +77,15 @@ def health_app() -> FastAPI:
         return {"healthy": True}
 
     return app
+
+
+def launch_kernel(cwd: Path) -> tuple[Any, Any]:
+    """A real ipykernel started in ``cwd`` and its ready blocking client: ``(km, kc)``."""
+    from jupyter_client import KernelManager
+
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(cwd=str(cwd), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    return km, kc

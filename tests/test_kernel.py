@@ -7,7 +7,6 @@ kernel is shared by the independent tests; shutdown, restart and SIGKILL get the
 from __future__ import annotations
 
 import json
-import os
 import queue
 import re
 import signal
@@ -23,7 +22,7 @@ import psutil
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
-from support import free_port, port_is_free
+from support import free_port, launch_kernel, port_is_free
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(240)]
 
@@ -145,11 +144,7 @@ class Kernel:
 
 
 def start_kernel(cwd: Path) -> Kernel:
-    km = KernelManager(kernel_name="python3")
-    km.start_kernel(cwd=str(cwd), env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    kc = km.client()
-    kc.start_channels()
-    kc.wait_for_ready(timeout=60)
+    km, kc = launch_kernel(cwd)
     kernel = Kernel(km, kc)
     ok(kc, "%load_ext taskapp_notebook")
     kernel.own_ports = kernel.listening_ports()

@@ -12,7 +12,6 @@ started and closes the old view.
 from __future__ import annotations
 
 import json
-import os
 import queue
 import re
 import time
@@ -21,10 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jupyter_client.blocking.client import BlockingKernelClient
-from jupyter_client.manager import KernelManager
 from standin_synth_backend import StandInSynthBackend
-from support import port_is_free, serve, wait_for
+from support import launch_kernel, port_is_free, serve, wait_for
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(240)]
 
@@ -81,11 +78,7 @@ class Kernel:
     """A real ipykernel; execute requests carry a ``cellId`` as JupyterLab sends them."""
 
     def __init__(self, cwd: Path) -> None:
-        self.km = KernelManager(kernel_name="python3")
-        self.km.start_kernel(cwd=str(cwd), env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.kc: BlockingKernelClient = self.km.client()
-        self.kc.start_channels()
-        self.kc.wait_for_ready(timeout=60)
+        self.km, self.kc = launch_kernel(cwd)
         #: Every iopub message read so far.
         self.seen: list[Any] = []
 

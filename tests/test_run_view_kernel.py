@@ -8,7 +8,6 @@ model) reaches ``on_stop``; the output's display id gets the final card.
 from __future__ import annotations
 
 import json
-import os
 import queue
 import re
 import time
@@ -18,9 +17,8 @@ from typing import Any
 
 import nbformat
 import pytest
-from jupyter_client.blocking.client import BlockingKernelClient
-from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
+from support import launch_kernel
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(180)]
 
@@ -66,11 +64,7 @@ class Kernel:
     """A real ipykernel with a blocking client and an iopub reader that keeps every message."""
 
     def __init__(self, cwd: Path) -> None:
-        self.km = KernelManager(kernel_name="python3")
-        self.km.start_kernel(cwd=str(cwd), env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.kc: BlockingKernelClient = self.km.client()
-        self.kc.start_channels()
-        self.kc.wait_for_ready(timeout=60)
+        self.km, self.kc = launch_kernel(cwd)
 
     def execute(self, code: str, timeout: float = 60) -> tuple[dict[str, Any], list[Any]]:
         """Run ``code``; return its execute_reply content and its iopub messages up to idle."""
